@@ -1,0 +1,523 @@
+"""``TrainerLoop``: the ``engine.backward`` / ``engine.step`` loop and what real runs need.
+
+Read :meth:`TrainerLoop.train` top to bottom: it is the training loop. Everything it
+needs is built by :meth:`TrainerLoop.setup` in small steps, before the first batch.
+The engine, ZeRO, precision, accumulation and clipping stay DeepSpeed's.
+
+Extend it by overriding :meth:`~TrainerLoop.compute_loss` and the ``on_*`` hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import runtime
+from .config import ConfigError, Hyperparameters, batch_sizes, load_config, resolve_config
+from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
+from .metrics import MetricsLog, ProgressBar
+
+log = logging.getLogger("zeroloop")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """What the loop reports and how often.
+
+    Attributes:
+        every: optimizer steps between metrics lines (and progress-bar loss updates). The
+            loss is averaged over ranks on these steps only: one small all-reduce each.
+        progress_bar: show a tqdm bar on rank 0.
+        metrics_file: file name under ``output_dir`` for the JSON-lines metrics.
+    """
+
+    every: int = 10
+    progress_bar: bool = True
+    metrics_file: str = "metrics.jsonl"
+
+
+@dataclass
+class TrainSummary:
+    """What :meth:`TrainerLoop.train` returns (the same on every rank).
+
+    Attributes:
+        steps: optimizer steps taken.
+        micro_steps: forward/backward passes.
+        epochs: full passes over the training data completed.
+        final_loss: the last logged training loss (mean over ranks), nats if cross-entropy.
+        eval_loss: the last evaluation loss, or None without ``eval_data``.
+        samples, tokens: consumed over all ranks (tokens None when batches carry none).
+        wall_time_s: seconds spent in the loop, set-up excluded.
+        samples_per_sec, tokens_per_sec: over all ranks, over ``wall_time_s``.
+        history: every logged metrics record, in order.
+    """
+
+    steps: int = 0
+    micro_steps: int = 0
+    epochs: int = 0
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    samples: int = 0
+    tokens: int | None = None
+    wall_time_s: float = 0.0
+    samples_per_sec: float = 0.0
+    tokens_per_sec: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Window:
+    """Loss, samples and tokens since the last logged step, kept on the device so the
+    hot loop never waits for the accelerator."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.micro_steps = 0
+        self.samples = 0
+        self.tokens: int | None = None
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int, tokens: int | None) -> None:
+        self.loss_sum += loss.detach().double()
+        self.micro_steps += 1
+        self.samples += samples
+        if tokens is not None:
+            self.tokens = (self.tokens or 0) + tokens
+
+
+class TrainerLoop:
+    """Train any ``nn.Module`` with a DeepSpeed engine.
+
+    Args:
+        model: the model; its trainable parameters go to the optimizer.
+        config: a DeepSpeed config dict or the path of a JSON file; ``"auto"`` values are
+            filled from ``hparams`` and the world size (see :mod:`zeroloop.config`).
+        train_data: a map-style ``Dataset`` (the loop builds a ``DataLoader`` over a
+            seeded ``DistributedSampler``), a ready ``DataLoader`` or any iterable of batches.
+        eval_data: same kinds as ``train_data``; evaluated every ``eval_every`` steps and
+            at the end.
+        output_dir: where ``ds_config.resolved.json`` and ``metrics.jsonl`` go.
+        max_steps: optimizer steps to train. Either this or ``epochs`` is required; with
+            both, training stops at whichever comes first.
+        epochs: passes over ``train_data``.
+        seed: seeds python, numpy, torch and the sampler's shuffle.
+        loss_fn: ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches.
+        optimizer: a torch optimizer (or a callable taking parameters) instead of the
+            config's ``optimizer`` section.
+        lr_scheduler: a scheduler (or a callable taking the optimizer) instead of the
+            config's ``scheduler`` section.
+        hparams: values for the config's ``"auto"`` keys (micro-batch, lr, precision...).
+        log: progress bar and metrics settings.
+        eval_every: optimizer steps between evaluations (None: only at the end).
+
+    The process group: if it is not initialized when :meth:`setup` runs, the loop starts
+    it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
+    yourself (``deepspeed.init_distributed()``) to keep it after training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Mapping[str, Any] | str | os.PathLike,
+        *,
+        train_data: Any,
+        eval_data: Any = None,
+        output_dir: str | os.PathLike,
+        max_steps: int | None = None,
+        epochs: int | None = None,
+        seed: int = 0,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        hparams: Hyperparameters | None = None,
+        log: LogSettings | None = None,
+        eval_every: int | None = None,
+    ):
+        self.model = model
+        self.config = config
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.output_dir = os.fspath(output_dir)
+        self.max_steps = max_steps
+        self.epochs = epochs
+        self.seed = seed
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.hparams = hparams or Hyperparameters()
+        self.log = log or LogSettings()
+        self.eval_every = eval_every
+
+        self.engine = None  # the DeepSpeedEngine, once setup() has run
+        self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
+        self.train_loader = None
+        self.eval_loader = None
+        self.total_steps: int | None = None
+        self.global_step = 0
+        self.epoch = 0
+        self.rank = 0
+        self.world_size = 1
+        self._owns_process_group = False
+        self._metrics_log: MetricsLog | None = None
+
+    # --- what subclasses override -----------------------------------------------------
+
+    def compute_loss(self, batch: Any) -> torch.Tensor:
+        """The scalar loss of one micro-batch (already on the engine's device).
+
+        The default handles three shapes: with ``loss_fn``, an ``(inputs, targets)``
+        batch gives ``loss_fn(engine(inputs), targets)``; otherwise the model is called
+        with the batch (``**batch`` for a dict) and its output may be a scalar tensor,
+        or carry the loss as ``.loss`` or ``["loss"]`` (Hugging Face style).
+
+        Raises:
+            TypeError: the model's output holds no loss; pass ``loss_fn`` or override this.
+        """
+        if self.loss_fn is not None:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError("loss_fn needs (inputs, targets) batches; got "
+                                f"{type(batch).__name__}. Override compute_loss for other shapes")
+            inputs, targets = batch
+            return self.loss_fn(self.engine(inputs), targets)
+        if isinstance(batch, Mapping):
+            output = self.engine(**batch)
+        elif isinstance(batch, (tuple, list)):
+            output = self.engine(*batch)
+        else:
+            output = self.engine(batch)
+        return loss_from_output(output)
+
+    def on_train_start(self) -> None:
+        """Called once, after set-up and before the first batch."""
+
+    def on_step_end(self, step: int, metrics: dict[str, Any]) -> None:
+        """Called after every optimizer step.
+
+        Args:
+            step: optimizer steps done so far (1 after the first).
+            metrics: always ``step``, ``epoch`` and ``lr``; on logging steps (every
+                ``log.every``) also ``loss`` (mean over ranks and micro-steps),
+                ``grad_norm``, ``samples_per_sec`` and ``tokens_per_sec``.
+        """
+
+    def on_evaluate(self, metrics: dict[str, Any]) -> None:
+        """Called after each evaluation with ``{"step", "eval_loss"}``."""
+
+    def on_train_end(self, summary: TrainSummary) -> None:
+        """Called once with the summary, before the process group is torn down."""
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def train(self) -> TrainSummary:
+        """Run the training loop to ``max_steps`` (or ``epochs``) and return the summary."""
+        engine = self.setup()
+        self.on_train_start()
+        bar = ProgressBar(self.total_steps, initial=self.global_step,
+                          enabled=self.rank == 0 and self.log.progress_bar)
+        summary = TrainSummary()
+        window = _Window(engine.device)
+        started = time.perf_counter()
+        try:
+            for batch in self._micro_batches():
+                batch = self._to_device(batch)
+                loss = self.compute_loss(batch)
+                engine.backward(loss)
+                # Ask before step(): step() advances the micro-step counter.
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.step()
+                window.add(loss, count_samples(batch), count_tokens(batch))
+                summary.micro_steps += 1
+                if not boundary:
+                    continue
+
+                self.global_step += 1
+                metrics = {"step": self.global_step, "epoch": self.epoch, "lr": self.current_lr()}
+                if self.global_step % self.log.every == 0 or self.global_step == self.total_steps:
+                    metrics.update(self._reduce_window(window, summary))
+                    self._metrics_log.write(metrics)
+                    summary.history.append(metrics)
+                    summary.final_loss = metrics["loss"]
+                    window.reset()
+                bar.update(1, metrics if "loss" in metrics else None)
+                self.on_step_end(self.global_step, metrics)
+                if self.eval_every and self.global_step % self.eval_every == 0:
+                    summary.eval_loss = self.evaluate()["eval_loss"]
+                if self.total_steps is not None and self.global_step >= self.total_steps:
+                    break
+            if window.micro_steps:  # a tail since the last logged step
+                summary.final_loss = self._reduce_window(window, summary)["loss"]
+        finally:
+            bar.close()
+
+        summary.steps, summary.epochs = self.global_step, self.epoch
+        summary.wall_time_s = time.perf_counter() - started
+        summary.samples_per_sec = summary.samples / summary.wall_time_s
+        if summary.tokens is not None:
+            summary.tokens_per_sec = summary.tokens / summary.wall_time_s
+        if self.eval_loader is not None and not (self.eval_every and self.global_step % self.eval_every == 0):
+            summary.eval_loss = self.evaluate()["eval_loss"]
+        self.on_train_end(summary)
+        self._finish()
+        return summary
+
+    def evaluate(self) -> dict[str, Any]:
+        """Mean ``compute_loss`` over ``eval_data``, weighted by samples, over all ranks.
+
+        Returns:
+            ``{"step": ..., "eval_loss": ...}`` (also written to metrics.jsonl).
+        """
+        import deepspeed.comm as dist
+
+        engine = self.setup()
+        if self.eval_loader is None:
+            raise RuntimeError("evaluate() needs eval_data; pass it to TrainerLoop")
+        engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss*samples, samples
+        with torch.no_grad():
+            for batch in self.eval_loader:
+                batch = self._to_device(batch)
+                samples = count_samples(batch) or 1
+                totals[0] += self.compute_loss(batch).double() * samples
+                totals[1] += samples
+        engine.train()
+        dist.all_reduce(totals)
+        metrics = {"step": self.global_step, "eval_loss": (totals[0] / totals[1].clamp(min=1)).item()}
+        self._metrics_log.write(metrics)
+        self.on_evaluate(metrics)
+        return metrics
+
+    def current_lr(self) -> float | None:
+        lrs = self.engine.get_lr()
+        return float(lrs[0]) if lrs else None
+
+    # --- set-up, in the order it happens ---------------------------------------------------
+
+    def setup(self):
+        """Build everything ``train()`` needs; runs once, later calls return the engine.
+
+        Order: check arguments; prepare the process (rank variables, CPU threads, seeds,
+        process group); resolve the config; build the loaders; ``deepspeed.initialize``.
+
+        Returns:
+            The ``DeepSpeedEngine`` (also ``self.engine``).
+
+        Raises:
+            ConfigError: bad arguments or config, every problem listed.
+        """
+        if self.engine is not None:
+            return self.engine
+        self._check_args()
+        self._prepare_process()
+        self.ds_config = self._resolve_config()
+        self._write_resolved_config()
+        self.engine = self._build_engine()
+        self._after_engine_init()
+        self.eval_loader = self._build_eval_loader()
+        self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
+                                       enabled=self.rank == 0)
+        return self.engine
+
+    def _check_args(self) -> None:
+        problems = []
+        if self.max_steps is None and self.epochs is None:
+            problems.append("max_steps / epochs: give at least one (optimizer steps, or passes over train_data)")
+        for name in ("max_steps", "epochs", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                problems.append(f"{name}: must be a positive integer or None, got {value!r}")
+        if not isinstance(self.log.every, int) or self.log.every < 1:
+            problems.append(f"log.every: must be a positive integer, got {self.log.every!r}")
+        if not isinstance(self.model, nn.Module):
+            problems.append(f"model: must be a torch.nn.Module, got {type(self.model).__name__}")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            problems.append("loss_fn: must be callable as loss_fn(outputs, targets)")
+        if problems:
+            raise ConfigError(problems, subject="TrainerLoop arguments")
+
+    def _prepare_process(self) -> None:
+        import deepspeed
+        import deepspeed.comm as dist
+
+        runtime.ensure_rank_env()
+        runtime.set_cpu_threads()
+        runtime.register_exit_pause()
+        runtime.seed_everything(self.seed)
+        self._owns_process_group = not dist.is_initialized()
+        deepspeed.init_distributed()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def _resolve_config(self) -> dict:
+        """Resolve ``"auto"`` and validate; builds the train loader on the way, since the
+        scheduler's length depends on the loader's and the loader on the micro-batch."""
+        raw = load_config(self.config)
+        hp = self.hparams
+        loader_batch = getattr(self.train_data, "batch_size", None)
+        if hp.micro_batch_size is None and isinstance(loader_batch, int):
+            hp = replace(hp, micro_batch_size=loader_batch)
+        sizes = batch_sizes(raw, hp, self.world_size)
+        problems = []
+        if sizes is not None:
+            micro, accum = sizes
+            self.train_loader = build_loader(self.train_data, micro_batch_size=micro, rank=self.rank,
+                                             world_size=self.world_size, seed=self.seed, train=True)
+            self.total_steps = self._count_total_steps(accum)
+            if self.total_steps == 0:
+                problems.append(f"epochs: {self.epochs} epoch(s) of {batches_per_epoch(self.train_loader)} "
+                                f"micro-batches make no optimizer step at gradient_accumulation_steps="
+                                f"{accum}; use more data, more epochs or max_steps")
+        if self.optimizer is not None and "optimizer" in raw:
+            problems.append("optimizer: given both to the loop and in the config's \"optimizer\" section; "
+                            "remove one of them")
+        if self.lr_scheduler is not None and "scheduler" in raw:
+            problems.append("scheduler: given both to the loop (lr_scheduler) and in the config's "
+                            "\"scheduler\" section; remove one of them")
+        try:
+            resolved = resolve_config(raw, world_size=self.world_size, hparams=hp, total_steps=self.total_steps,
+                                      hidden_size=hidden_size_of(self.model))
+        except ConfigError as e:
+            raise ConfigError(e.problems + problems, source=e.source) from None
+        if problems:
+            raise ConfigError(problems)
+        return resolved
+
+    def _count_total_steps(self, accum: int) -> int | None:
+        if self.epochs is None:
+            return self.max_steps
+        per_epoch = batches_per_epoch(self.train_loader)
+        if per_epoch is None:
+            return self.max_steps
+        by_epochs = self.epochs * per_epoch // accum
+        return by_epochs if self.max_steps is None else min(by_epochs, self.max_steps)
+
+    def _write_resolved_config(self) -> None:
+        if self.rank != 0:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, "ds_config.resolved.json"), "w", encoding="utf-8") as f:
+            json.dump(self.ds_config, f, indent=2, sort_keys=True)
+
+    def _build_engine(self):
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(
+            model=self.model,
+            model_parameters=[p for p in self.model.parameters() if p.requires_grad],
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            config=self.ds_config,
+        )
+        return engine
+
+    def _after_engine_init(self) -> None:
+        import deepspeed.comm as dist
+
+        # Every peer has mapped this rank's /dev/shm buffer once all ranks pass the
+        # barrier after init; its name can go now (the mappings stay valid).
+        dist.barrier()
+        runtime.unlink_own_shm_buffer()
+
+    def _build_eval_loader(self):
+        if self.eval_data is None:
+            return None
+        return build_loader(self.eval_data, micro_batch_size=self.engine.train_micro_batch_size_per_gpu(),
+                            rank=self.rank, world_size=self.world_size, seed=self.seed, train=False)
+
+    # --- the loop's helpers --------------------------------------------------------------
+
+    def _micro_batches(self):
+        """Micro-batches across epochs; the sampler is reshuffled at each epoch start."""
+        while self.epochs is None or self.epoch < self.epochs:
+            set_epoch(self.train_loader, self.epoch)
+            yielded = False
+            for batch in self.train_loader:
+                yielded = True
+                yield batch
+            if not yielded:
+                if self.global_step == 0:
+                    raise RuntimeError("train_data yielded no batches: is it empty, or smaller than "
+                                       "micro_batch_size x world size (the tail is dropped)?")
+                return  # a one-shot iterable is exhausted
+            self.epoch += 1
+
+    def _to_device(self, batch: Any) -> Any:
+        return move_to_device(batch, self.engine.device, self._compute_dtype())
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        if self.engine.bfloat16_enabled():
+            return torch.bfloat16
+        if self.engine.fp16_enabled():
+            return torch.float16
+        return None
+
+    def _reduce_window(self, window: _Window, summary: TrainSummary) -> dict[str, Any]:
+        """Average the window's loss over ranks and micro-steps; count samples and tokens."""
+        import deepspeed.comm as dist
+
+        has_tokens = window.tokens is not None
+        stats = torch.tensor([0.0, window.micro_steps, window.samples, window.tokens or 0],
+                             dtype=torch.float64, device=window.device)
+        stats[0] = window.loss_sum
+        dist.all_reduce(stats)
+        elapsed = time.perf_counter() - window.started
+        loss_sum, micro_steps, samples, tokens = stats.tolist()
+        summary.samples += int(samples)
+        if has_tokens:
+            summary.tokens = (summary.tokens or 0) + int(tokens)
+        return {
+            "loss": loss_sum / max(micro_steps, 1),
+            "grad_norm": grad_norm_of(self.engine),
+            "samples_per_sec": samples / elapsed,
+            "tokens_per_sec": tokens / elapsed if has_tokens else None,
+        }
+
+    def _finish(self) -> None:
+        if self._metrics_log is not None:
+            self._metrics_log.close()
+        runtime.teardown(self.engine, destroy_process_group=self._owns_process_group)
+
+
+def loss_from_output(output: Any) -> torch.Tensor:
+    """The loss in a model's output: a scalar tensor, ``.loss`` or ``["loss"]``."""
+    if isinstance(output, torch.Tensor) and output.dim() == 0:
+        return output
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if isinstance(loss, torch.Tensor):
+        return loss
+    raise TypeError(f"the model returned {type(output).__name__} with no loss: return a scalar tensor "
+                    "or an object with .loss, pass loss_fn=... for (inputs, targets) batches, or "
+                    "override TrainerLoop.compute_loss")
+
+
+def grad_norm_of(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    norm = float(norm)
+    return norm if math.isfinite(norm) else None
+
+
+def hidden_size_of(model: nn.Module) -> int | None:
+    """The model's hidden size when its config names one (Hugging Face or zeroloop GPT)."""
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

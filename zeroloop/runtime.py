@@ -1,0 +1,164 @@
+"""The process around DeepSpeed: rank environment, CPU threads, seeding and a clean exit.
+
+DeepSpeed owns the engine and the process group; this module only prepares the process
+before ``deepspeed.initialize`` and takes it down afterwards so that every rank exits 0.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import os
+import random
+import socket
+import time
+
+import numpy as np
+import torch
+
+log = logging.getLogger("zeroloop")
+
+SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
+# Seconds to let gloo's worker threads drop their last tensors before the interpreter
+# finalizes; without it 2-rank CPU runs abort with "terminate called without an active
+# exception" in 10-35% of exits (a gloo thread needs the GIL during finalization).
+EXIT_PAUSE_S = 0.1
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_rank_env() -> bool:
+    """Fill in the rank variables a launcher would set, for a plain ``python`` run.
+
+    Returns:
+        True if this is a single process started without a launcher (the variables
+        were missing and are now set for one rank).
+
+    Raises:
+        RuntimeError: a multi-rank run (WORLD_SIZE > 1) is missing MASTER_ADDR/PORT,
+            which cannot be guessed.
+    """
+    standalone = "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
+    env = os.environ
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", env["RANK"] if env["WORLD_SIZE"] == "1" else "0")
+    if int(env["WORLD_SIZE"]) > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
+        raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: start the script "
+                           "with `deepspeed --num_gpus N script.py` or `torchrun --nproc_per_node N "
+                           "script.py`, which set them")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(free_port()))
+    return standalone
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_world_size() -> int:
+    """Ranks on this machine, from whichever launcher started us."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):  # torchrun, deepspeed
+        if key in os.environ:
+            return int(os.environ[key])
+    return world_size()
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_cpu_threads() -> int | None:
+    """Give each local rank its share of the cores when ``OMP_NUM_THREADS`` is unset.
+
+    The ``deepspeed`` launcher leaves it unset, and 2 ranks each using every core of a
+    2-core machine ran ZeRO-0 at 1.34 steps/s instead of 2.37 (measured).
+
+    Returns:
+        The thread count chosen, or None when the user set ``OMP_NUM_THREADS``.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    threads = max(1, available_cores() // max(1, local_world_size()))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    if rank() == 0:
+        log.info("OMP_NUM_THREADS was unset: using %d thread(s) per rank (%d cores, %d local ranks)",
+                 threads, available_cores(), local_world_size())
+    return threads
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch the same way on every rank."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def own_shm_buffer() -> str | None:
+    """The /dev/shm all-reduce buffer DeepSpeed's CPU comm op creates for this rank, if any.
+
+    DeepSpeed creates it only when LOCAL_SIZE (set by the ``deepspeed`` launcher) equals
+    the world size, names it after uid, MASTER_ADDR, MASTER_PORT and rank, and never
+    unlinks it: 66 MiB of RAM per rank per run.
+    """
+    if os.environ.get("LOCAL_SIZE") != os.environ.get("WORLD_SIZE"):
+        return None
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank()}"
+
+
+def unlink_own_shm_buffer() -> None:
+    """Remove this rank's buffer file. Call after a barrier that follows DeepSpeed's init:
+    every peer has mapped it by then, and a mapping outlives its name. Never a glob: other
+    runs on the machine own theirs."""
+    path = own_shm_buffer()
+    if path and os.path.exists(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+_exit_pause_registered = False
+
+
+def register_exit_pause() -> None:
+    """Fallback for scripts that stop before :func:`teardown`: pause briefly at exit."""
+    global _exit_pause_registered
+    if not _exit_pause_registered:
+        atexit.register(time.sleep, EXIT_PAUSE_S)
+        _exit_pause_registered = True
+
+
+def teardown(engine, destroy_process_group: bool) -> None:
+    """Take the engine and (if we started it) the process group down so every rank exits 0.
+
+    Args:
+        engine: the DeepSpeed engine, or None.
+        destroy_process_group: also destroy the process group; pass False when the caller
+            initialized it and may still use it.
+    """
+    import deepspeed.comm as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    if engine is not None:
+        engine.destroy()
+    if destroy_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+    time.sleep(EXIT_PAUSE_S)

@@ -1,0 +1,286 @@
+"""The kit for unit-testing a ``TrainerLoop`` (zeroloop's own tests use it too).
+
+- :func:`run_ranks` runs a function on N CPU ranks from pytest, no launcher needed.
+- :func:`single_process` sets up (and restores) the environment of a one-rank run.
+- :func:`fp16_on_cpu` lets DeepSpeed's fp16 paths run on a CPU (tests only).
+- :func:`tiny_config` returns a small, valid DeepSpeed config.
+- :func:`full_parameters` gathers full parameters, also under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import multiprocessing
+import multiprocessing.connection
+import os
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .runtime import SHM_PREFIX, available_cores, free_port
+
+RANK_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "OMP_NUM_THREADS")
+# Seconds the other ranks get to finish once one rank has failed (they usually wait in a
+# collective for the failed one and never will).
+FAILURE_GRACE_S = 3.0
+
+
+class RankFailure(RuntimeError):
+    """A rank raised, crashed or timed out in :func:`run_ranks`.
+
+    Attributes:
+        rank: the first rank that failed.
+        remote_traceback: that rank's formatted traceback (or exit description).
+    """
+
+    def __init__(self, rank: int, message: str, remote_traceback: str = ""):
+        self.rank = rank
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{message}\n\n--- rank {rank} traceback ---\n{remote_traceback}"
+                         if remote_traceback else message)
+
+
+class RankTimeout(RankFailure):
+    """One or more ranks did not finish within the timeout and were killed."""
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 300.0,
+              env: dict[str, str] | None = None) -> list[Any]:
+    """Run ``fn(rank, *args)`` on ``world_size`` fresh CPU processes and collect the results.
+
+    Each rank gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, a free MASTER_PORT and its
+    share of the cores in OMP_NUM_THREADS, so ``TrainerLoop`` and ``deepspeed.initialize``
+    work inside ``fn`` as under a launcher. ``fn`` must be picklable (a module-level
+    function), as must its arguments and return value.
+
+    Args:
+        fn: the function each rank runs.
+        world_size: the number of ranks.
+        *args: passed to ``fn`` after the rank.
+        timeout: seconds for the whole run; ranks still running then are killed.
+        env: extra environment variables for every rank.
+
+    Returns:
+        Each rank's return value, in rank order.
+
+    Raises:
+        RankFailure: a rank raised (its traceback and rank number are in the message) or
+            exited without reporting.
+        RankTimeout: a rank hung past ``timeout``.
+
+    Whatever happens, every rank process is gone on return and the run's /dev/shm
+    buffers are removed.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    threads = max(1, available_cores() // world_size)
+    conns, procs = [], []
+    try:
+        for rank in range(world_size):
+            receiver, sender = ctx.Pipe(duplex=False)
+            rank_env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads), **(env or {}))
+            proc = ctx.Process(target=_rank_main, args=(fn, rank, rank_env, args, sender),
+                               name=f"zeroloop-rank-{rank}", daemon=True)
+            proc.start()
+            sender.close()
+            conns.append(receiver)
+            procs.append(proc)
+        return _collect(conns, procs, timeout)
+    finally:
+        _stop(procs)
+        for conn in conns:
+            conn.close()
+        remove_shm_buffers(port)
+
+
+def _collect(conns, procs, timeout: float) -> list[Any]:
+    results: dict[int, Any] = {}
+    pending = dict(enumerate(conns))
+    deadline = time.monotonic() + timeout
+    failure: RankFailure | None = None
+    while pending:
+        left = deadline - time.monotonic()
+        if failure is not None:
+            left = min(left, FAILURE_GRACE_S)
+        ready = multiprocessing.connection.wait(list(pending.values()), timeout=max(0.0, left))
+        if not ready:
+            break
+        for rank, conn in list(pending.items()):
+            if conn not in ready:
+                continue
+            del pending[rank]
+            status, payload = _receive(conn, procs[rank])
+            if status == "ok":
+                results[rank] = payload
+            elif failure is None:
+                failure = RankFailure(rank, f"rank {rank} of {len(procs)} failed", payload)
+    if failure is not None:
+        raise failure
+    if pending:
+        hung = sorted(pending)
+        raise RankTimeout(hung[0], f"rank(s) {hung} did not finish within {timeout:g} s and were killed; "
+                                   "a rank waiting forever in a collective usually means another rank "
+                                   "took a different number of steps")
+    return [results[rank] for rank in range(len(procs))]
+
+
+def _receive(conn, proc) -> tuple[str, Any]:
+    try:
+        return conn.recv()
+    except EOFError:
+        proc.join(timeout=5)
+        return "error", f"the process exited with code {proc.exitcode} without reporting a result"
+
+
+def _stop(procs) -> None:
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    for proc in procs:
+        proc.join(timeout=10)
+
+
+def _rank_main(fn, rank: int, env: dict[str, str], args: tuple, conn) -> None:
+    """Entry point of a rank process: run ``fn``, report, tear down, leave at once."""
+    os.environ.update(env)
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    code = 0
+    try:
+        message = ("ok", fn(rank, *args))
+    except BaseException:  # noqa: BLE001 - the parent re-raises it with the rank's traceback
+        message, code = ("error", traceback.format_exc()), 1
+    try:
+        conn.send(message)
+    except Exception:  # an unpicklable return value
+        conn.send(("error", traceback.format_exc()))
+        code = 1
+    conn.close()
+    _destroy_process_group()
+    # Skip interpreter finalization: gloo's threads can abort it ("terminate called
+    # without an active exception"), and everything worth keeping has been sent.
+    os._exit(code)
+
+
+def _destroy_process_group() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+def remove_shm_buffers(port: int | str) -> list[str]:
+    """Remove the DeepSpeed /dev/shm all-reduce buffers of the run on ``port``.
+
+    Only a run that owns ``port`` may call this (the buffer names carry the port).
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    for path in glob.glob(f"{SHM_PREFIX}_{os.getuid()}_*_{int(port)}_*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def single_process(port: int | None = None) -> Iterator[None]:
+    """Make this process a one-rank run for the duration; restore everything after.
+
+    Sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (a free port unless given),
+    and on exit destroys the process group if one was started, removes the run's /dev/shm
+    buffers and restores the previous environment.
+    """
+    saved = {key: os.environ.get(key) for key in RANK_ENV_KEYS}
+    port = port or free_port()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("LOCAL_SIZE", None)
+    try:
+        yield
+    finally:
+        _destroy_process_group()
+        remove_shm_buffers(port)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def fp16_on_cpu() -> Iterator[None]:
+    """Declare fp16 supported by DeepSpeed's CPU accelerator for the duration.
+
+    DeepSpeed refuses fp16 on a CPU ("Type fp16 is not supported on your device"), yet its
+    fp16 paths (FP16_Optimizer, ZeRO fp16, dynamic loss scaling) run there once declared
+    supported. This is the documented way to test fp16 loss scaling on a CPU; it is for
+    tests only, and restored on exit.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    cls = type(get_accelerator())
+    saved = cls.__dict__.get("is_fp16_supported")
+    cls.is_fp16_supported = lambda self: True
+    try:
+        yield
+    finally:
+        if saved is None:
+            del cls.is_fp16_supported
+        else:
+            cls.is_fp16_supported = saved
+
+
+def tiny_config(stage: int = 0, precision: str = "fp32", micro: int = 2, ga: int = 1,
+                world_size: int | None = None, lr: float = 1e-3, clip: float = 0.0) -> dict:
+    """A small valid DeepSpeed config for tests: Adam (no weight decay), no scheduler.
+
+    Args:
+        stage: ZeRO stage 0-3.
+        precision: "fp32", "bf16" or "fp16" (fp16 with a dynamic loss scale).
+        micro: train_micro_batch_size_per_gpu.
+        ga: gradient_accumulation_steps.
+        world_size: when given, train_batch_size is written out (micro * ga * world_size).
+        lr: the learning rate.
+        clip: gradient_clipping (0 is off).
+    """
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": ga,
+        "gradient_clipping": clip,
+        "optimizer": {"type": "Adam", "params": {"lr": lr, "weight_decay": 0.0}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 1_000_000,
+    }
+    if world_size is not None:
+        config["train_batch_size"] = micro * ga * world_size
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}
+    elif precision != "fp32":
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    return config
+
+
+def full_parameters(engine_or_module) -> dict[str, torch.Tensor]:
+    """Every parameter as a full fp32 CPU tensor, keyed by name; gathers ZeRO-3 partitions.
+
+    Collective under ZeRO-3: call it on every rank.
+    """
+    import deepspeed
+
+    module = getattr(engine_or_module, "module", engine_or_module)
+    params = list(module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+        return {name: p.detach().float().cpu().clone() for name, p in params}
