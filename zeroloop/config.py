@@ -161,8 +161,8 @@ def resolve_config(
     Raises:
         ConfigError: listing every problem found, each with its key and fix.
     """
-    source = None if isinstance(config, Mapping) else os.fspath(config)
     cfg = load_config(config)
+    source = None if isinstance(config, Mapping) else os.fspath(config)
     hp = hparams or Hyperparameters()
     problems = validate_structure(cfg)
     if not problems:  # resolving a structurally broken config only adds noise
@@ -198,12 +198,12 @@ def validate_structure(cfg: dict) -> list[str]:
     """Problems with keys, types and ranges, before any ``"auto"`` is resolved."""
     problems = unknown_keys(cfg, KNOWN_TOP_LEVEL_KEYS, prefix="")
     problems += check_batch_types(cfg)
-    problems += check_sections_are_objects(cfg)
-    if problems:
-        return problems
+    problems += check_number(cfg, "gradient_clipping", minimum=0.0)
+    not_objects = check_sections_are_objects(cfg)
+    if not_objects:  # the checks below read inside the sections
+        return problems + not_objects
     problems += check_precision(cfg)
     problems += check_zero(cfg.get("zero_optimization", {}))
-    problems += check_number(cfg, "gradient_clipping", minimum=0.0)
     problems += check_named_section(cfg, "optimizer")
     problems += check_named_section(cfg, "scheduler")
     return problems
