@@ -170,6 +170,7 @@ class TrainerLoop:
         self.total_steps: int | None = None
         self.global_step = 0
         self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches taken from the current epoch
         self.rank = 0
         self.world_size = 1
         self._owns_process_group = False
@@ -239,6 +240,8 @@ class TrainerLoop:
                 engine.backward(loss)
                 # Ask before step(): step() advances the micro-step counter.
                 boundary = engine.is_gradient_accumulation_boundary()
+                logging_step = boundary and self._is_logging_step(self.global_step + 1)
+                norm = self._grad_norm_before_step() if logging_step else None
                 engine.step()
                 window.add(loss, count_samples(batch), count_tokens(batch))
                 summary.micro_steps += 1
@@ -247,8 +250,9 @@ class TrainerLoop:
 
                 self.global_step += 1
                 metrics = {"step": self.global_step, "epoch": self.epoch, "lr": self.current_lr()}
-                if self.global_step % self.log.every == 0 or self.global_step == self.total_steps:
+                if logging_step:
                     metrics.update(self._reduce_window(window, summary))
+                    metrics["grad_norm"] = grad_norm_of(engine, fallback=norm)
                     self._metrics_log.write(metrics)
                     summary.history.append(metrics)
                     summary.final_loss = metrics["loss"]
@@ -261,9 +265,13 @@ class TrainerLoop:
                     break
             if window.micro_steps:  # a tail since the last logged step
                 summary.final_loss = self._reduce_window(window, summary)["loss"]
+        except BaseException:
+            self._finish(clean=False)
+            raise
         finally:
             bar.close()
 
+        self._close_finished_epoch()
         summary.steps, summary.epochs = self.global_step, self.epoch
         summary.wall_time_s = time.perf_counter() - started
         summary.samples_per_sec = summary.samples / summary.wall_time_s
@@ -443,16 +451,25 @@ class TrainerLoop:
         """Micro-batches across epochs; the sampler is reshuffled at each epoch start."""
         while self.epochs is None or self.epoch < self.epochs:
             set_epoch(self.train_loader, self.epoch)
-            yielded = False
             for batch in self.train_loader:
-                yielded = True
+                self.batches_in_epoch += 1
                 yield batch
-            if not yielded:
+            if self.batches_in_epoch == 0:
                 if self.global_step == 0:
                     raise RuntimeError("train_data yielded no batches: is it empty, or smaller than "
                                        "micro_batch_size x world size (the tail is dropped)?")
                 return  # a one-shot iterable is exhausted
-            self.epoch += 1
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        self.batches_in_epoch = 0
+
+    def _close_finished_epoch(self) -> None:
+        """Count an epoch whose last batch was the run's last (the loop stopped before the
+        loader could say it was exhausted)."""
+        if self.batches_in_epoch and self.batches_in_epoch == batches_per_epoch(self.train_loader):
+            self._end_epoch()
 
     def _to_device(self, batch: Any) -> Any:
         return move_to_device(batch, self.engine.device, self._compute_dtype())
@@ -480,15 +497,30 @@ class TrainerLoop:
             summary.tokens = (summary.tokens or 0) + int(tokens)
         return {
             "loss": loss_sum / max(micro_steps, 1),
-            "grad_norm": grad_norm_of(self.engine),
             "samples_per_sec": samples / elapsed,
             "tokens_per_sec": tokens / elapsed if has_tokens else None,
         }
 
-    def _finish(self) -> None:
+    def _is_logging_step(self, step: int) -> bool:
+        return step % self.log.every == 0 or step == self.total_steps
+
+    def _grad_norm_before_step(self) -> float | None:
+        """The global gradient norm, for engines that do not report one.
+
+        Without ZeRO or reduced precision, DeepSpeed clips (or not) without keeping the
+        norm. Its gradients are already averaged over ranks at the boundary, so the local
+        norm is the global one. Other engines report theirs after ``step()``.
+        """
+        engine = self.engine
+        if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+            return None
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
+
+    def _finish(self, clean: bool = True) -> None:
         if self._metrics_log is not None:
             self._metrics_log.close()
-        runtime.teardown(self.engine, destroy_process_group=self._owns_process_group)
+        runtime.teardown(self.engine, destroy_process_group=self._owns_process_group, barrier=clean)
 
 
 def loss_from_output(output: Any) -> torch.Tensor:
@@ -505,8 +537,12 @@ def loss_from_output(output: Any) -> torch.Tensor:
                     "override TrainerLoop.compute_loss")
 
 
-def grad_norm_of(engine) -> float | None:
+def grad_norm_of(engine, fallback: float | None = None) -> float | None:
+    """The engine's global gradient norm of the last step (``fallback`` when it has none);
+    None when unknown or not finite."""
     norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = fallback
     if norm is None:
         return None
     norm = float(norm)

@@ -144,17 +144,19 @@ def register_exit_pause() -> None:
         _exit_pause_registered = True
 
 
-def teardown(engine, destroy_process_group: bool) -> None:
+def teardown(engine, destroy_process_group: bool, barrier: bool = True) -> None:
     """Take the engine and (if we started it) the process group down so every rank exits 0.
 
     Args:
         engine: the DeepSpeed engine, or None.
         destroy_process_group: also destroy the process group; pass False when the caller
             initialized it and may still use it.
+        barrier: wait for every rank first (False on the way out of an error, where a
+            peer may never arrive).
     """
     import deepspeed.comm as dist
 
-    if dist.is_initialized():
+    if barrier and dist.is_initialized():
         dist.barrier()
     if engine is not None:
         engine.destroy()

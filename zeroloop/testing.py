@@ -14,6 +14,7 @@ import glob
 import multiprocessing
 import multiprocessing.connection
 import os
+import sys
 import time
 import traceback
 from typing import Any, Callable, Iterator
@@ -168,9 +169,13 @@ def _rank_main(fn, rank: int, env: dict[str, str], args: tuple, conn) -> None:
 
 
 def _destroy_process_group() -> None:
+    """Destroy the default process group, through DeepSpeed when it is loaded so that it
+    also drops its cached sub-groups (a later engine would otherwise find stale ones)."""
     try:
-        import torch.distributed as dist
-
+        if "deepspeed" in sys.modules:
+            import deepspeed.comm as dist
+        else:
+            import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - best effort on the way out
