@@ -14,6 +14,7 @@ import glob
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -133,8 +134,8 @@ def _collect(conns, procs, timeout: float) -> list[Any]:
 
 def _receive(conn, proc) -> tuple[str, Any]:
     try:
-        return conn.recv()
-    except EOFError:
+        return pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
         proc.join(timeout=5)
         return "error", f"the process exited with code {proc.exitcode} without reporting a result"
 
@@ -157,10 +158,12 @@ def _rank_main(fn, rank: int, env: dict[str, str], args: tuple, conn) -> None:
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the rank's traceback
         message, code = ("error", traceback.format_exc()), 1
     try:
-        conn.send(message)
-    except Exception:  # an unpicklable return value
-        conn.send(("error", traceback.format_exc()))
-        code = 1
+        # Plain pickle copies tensors by value; multiprocessing's own pickler would share
+        # them through file descriptors that die with this process.
+        payload = pickle.dumps(message)
+    except Exception:  # noqa: BLE001 - an unpicklable return value
+        payload, code = pickle.dumps(("error", traceback.format_exc())), 1
+    conn.send_bytes(payload)
     conn.close()
     _destroy_process_group()
     # Skip interpreter finalization: gloo's threads can abort it ("terminate called
