@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from . import __version__
-
-log = logging.getLogger("zeroloop")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zeroloop", description="DeepSpeed training, made boring.")
     parser.add_argument("--version", action="version", version=f"zeroloop {__version__}")
+    # The deepspeed launcher puts --local_rank=N before the command; the rank comes from
+    # the environment it also sets.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_command(commands)
     return parser
@@ -49,7 +49,6 @@ def add_train_command(commands) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(run=run_train)
 
 
@@ -75,7 +74,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[zeroloop] %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -18,6 +18,12 @@ import numpy as np
 import torch
 
 log = logging.getLogger("zeroloop")
+if not log.handlers:  # visible by default, like DeepSpeed's own logger; silence with setLevel
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[zeroloop] %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
 # Seconds to let gloo's worker threads drop their last tensors before the interpreter
