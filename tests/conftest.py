@@ -10,7 +10,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 @pytest.fixture(autouse=True)
 def _no_leaked_shm_buffers():
-    """Every test must leave /dev/shm as it found it (each leaked buffer is 66 MiB of RAM)."""
+    """Every test must leave /dev/shm as it found it (each leaked buffer is 66 MiB of RAM).
+
+    Set ZEROLOOP_OTHER_DEEPSPEED_JOBS=1 when other DeepSpeed jobs on the machine may
+    create buffers while the tests run; CI runs alone and checks.
+    """
+    if os.environ.get("ZEROLOOP_OTHER_DEEPSPEED_JOBS") == "1":
+        yield
+        return
     before = set(_shm_buffers())
     yield
     leaked = set(_shm_buffers()) - before

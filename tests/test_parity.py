@@ -4,6 +4,7 @@ Both loops run in the same rank processes, on the same data, seed and config; th
 must add nothing to what DeepSpeed computes.
 """
 
+import functools
 import io
 import sys
 import tempfile
@@ -11,103 +12,66 @@ import tempfile
 import deepspeed
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from helpers import RegressionData, make_model
-from zeroloop import LogSettings, TrainerLoop, resolve_config, seed_everything
-from zeroloop.testing import full_parameters, run_ranks, tiny_config
+from zeroloop import LogSettings, TrainerLoop
+from zeroloop.testing import RankFailure, assert_matches_engine_loop, full_parameters, run_ranks, tiny_config
 
 pytestmark = pytest.mark.multirank
 STEPS = 6
 
 
 class Recording(TrainerLoop):
-    """Keeps every micro-batch loss of this rank, and the final weights."""
-
-    def on_train_start(self):
-        self.micro_losses = []
-
-    def compute_loss(self, batch):
-        loss = super().compute_loss(batch)
-        self.micro_losses.append(loss.item())
-        return loss
+    """Keeps the final weights."""
 
     def on_train_end(self, summary):
         self.final_weights = full_parameters(self.engine)
-
-
-def hand_written_loop(config, steps, seed=0):
-    """The loop users write by hand, on the same sampler/loader TrainerLoop builds."""
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    resolved = resolve_config(config, world_size=world)
-    model = make_model()
-    seed_everything(seed)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=resolved)
-    data = RegressionData()
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(data, batch_size=resolved["train_micro_batch_size_per_gpu"], sampler=sampler,
-                        drop_last=True)
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else None
-    losses, step, epoch = [], 0, 0
-    while step < steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            x, y = (t.to(dtype) if dtype else t for t in (batch["x"], batch["y"]))
-            loss = engine(x, y)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            losses.append(loss.item())
-            step += boundary
-            if step == steps:
-                break
-        epoch += 1
-    weights = full_parameters(engine)
-    engine.destroy()
-    return losses, weights
 
 
 def zeroloop_run(config, steps, seed=0):
     loop = Recording(make_model(), config, train_data=RegressionData(), output_dir=tempfile.mkdtemp(),
                      max_steps=steps, seed=seed, log=LogSettings(every=1, progress_bar=False))
     summary = loop.train()
-    return loop.micro_losses, loop.final_weights, summary
+    return loop.final_weights, summary
 
 
-def both_loops(rank, config):
-    deepspeed.init_distributed()  # shared by both loops, torn down by run_ranks
-    hand_losses, hand_weights = hand_written_loop(config, STEPS)
-    loop_losses, loop_weights, _ = zeroloop_run(config, STEPS)
-    return hand_losses, loop_losses, hand_weights, loop_weights
+def make_loop(model, config):
+    return TrainerLoop(model, config, train_data=RegressionData(), output_dir=tempfile.mkdtemp(), max_steps=STEPS,
+                       log=LogSettings(every=1, progress_bar=False))
 
 
-def assert_close(a, b, rel):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x == pytest.approx(y, rel=rel, abs=rel), (a, b)
+def compare(rank, config, rel):
+    """zeroloop's own kit: TrainerLoop against the hand-written engine loop, same ranks."""
+    reference = assert_matches_engine_loop(functools.partial(make_loop, config=config), make_model, config,
+                                           RegressionData(), STEPS, rel=rel)
+    return len(reference.micro_losses)
 
 
 def test_stage0_fp32_matches_hand_loop_exactly():
-    for hand, loop, hand_w, loop_w in run_ranks(both_loops, 2, tiny_config(stage=0, ga=2)):
-        assert len(hand) == STEPS * 2
-        assert hand == loop
-        for name in hand_w:
-            assert torch.equal(hand_w[name], loop_w[name]), name
+    assert run_ranks(compare, 2, tiny_config(stage=0, ga=2), 0.0) == [STEPS * 2] * 2
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_fp32_matches_hand_loop(stage):
-    for hand, loop, hand_w, loop_w in run_ranks(both_loops, 2, tiny_config(stage=stage, ga=2)):
-        assert_close(hand, loop, rel=1e-6)
-        for name in hand_w:
-            torch.testing.assert_close(loop_w[name], hand_w[name], rtol=1e-6, atol=1e-7)
+    assert run_ranks(compare, 2, tiny_config(stage=stage, ga=2), 1e-6) == [STEPS * 2] * 2
 
 
 def test_bf16_zero2_matches_hand_loop():
-    for hand, loop, hand_w, loop_w in run_ranks(both_loops, 2, tiny_config(stage=2, precision="bf16")):
-        assert_close(hand, loop, rel=1e-2)  # bf16 keeps 8 bits of mantissa
-        for name in hand_w:
-            torch.testing.assert_close(loop_w[name], hand_w[name], rtol=1e-2, atol=1e-2)
+    # bf16 keeps 8 bits of mantissa: 1e-2 relative is its tolerance.
+    assert run_ranks(compare, 2, tiny_config(stage=2, precision="bf16"), 1e-2) == [STEPS] * 2
+
+
+def test_a_different_loop_is_caught():
+    """The comparison can fail: a loop on another seed trains on other batches."""
+    with pytest.raises(RankFailure, match="micro-batch 0: loop loss"):
+        run_ranks(compare_other_seed, 2, tiny_config(stage=0), 0.0)
+
+
+def compare_other_seed(rank, config, rel):
+    def other_seed(model):
+        return TrainerLoop(model, config, train_data=RegressionData(), output_dir=tempfile.mkdtemp(),
+                           max_steps=STEPS, seed=1, log=LogSettings(every=1, progress_bar=False))
+    assert_matches_engine_loop(other_seed, make_model, config, RegressionData(), STEPS, rel=rel)
 
 
 def accumulation_pair(rank):
@@ -115,7 +79,7 @@ def accumulation_pair(rank):
     deepspeed.init_distributed()
     stderr, sys.stderr = sys.stderr, io.StringIO()
     try:
-        _, w_accum, s_accum = zeroloop_run(tiny_config(stage=2, micro=2, ga=4), steps=3)
+        w_accum, s_accum = zeroloop_run(tiny_config(stage=2, micro=2, ga=4), steps=3)
         loop = Recording(make_model(), tiny_config(stage=2, micro=8, ga=1), train_data=RegressionData(),
                          output_dir=tempfile.mkdtemp(), max_steps=3, log=LogSettings(every=1))
         s_big = loop.train()

@@ -5,6 +5,8 @@
 - :func:`fp16_on_cpu` lets DeepSpeed's fp16 paths run on a CPU (tests only).
 - :func:`tiny_config` returns a small, valid DeepSpeed config.
 - :func:`full_parameters` gathers full parameters, also under ZeRO-3.
+- :func:`engine_loop` is the hand-written ``engine.backward/step`` loop, and
+  :func:`assert_matches_engine_loop` checks a ``TrainerLoop`` (subclass) against it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pickle
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -64,7 +67,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
         world_size: the number of ranks.
         *args: passed to ``fn`` after the rank.
         timeout: seconds for the whole run; ranks still running then are killed.
-        env: extra environment variables for every rank.
+        env: extra environment variables for every rank (MASTER_PORT here picks the port).
 
     Returns:
         Each rank's return value, in rank order.
@@ -78,15 +81,16 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
     buffers are removed.
     """
     ctx = multiprocessing.get_context("spawn")
-    port = free_port()
+    env = dict(env or {})
+    port = int(env.pop("MASTER_PORT", 0)) or free_port()
     threads = max(1, available_cores() // world_size)
     conns, procs = [], []
     try:
         for rank in range(world_size):
             receiver, sender = ctx.Pipe(duplex=False)
-            rank_env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads), **(env or {}))
+            rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads), **env}
             proc = ctx.Process(target=_rank_main, args=(fn, rank, rank_env, args, sender),
                                name=f"zeroloop-rank-{rank}", daemon=True)
             proc.start()
@@ -292,3 +296,155 @@ def full_parameters(engine_or_module) -> dict[str, torch.Tensor]:
     params = list(module.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
         return {name: p.detach().float().cpu().clone() for name, p in params}
+
+
+@dataclass
+class EngineLoopResult:
+    """What a loop computed on this rank.
+
+    Attributes:
+        micro_losses: the loss of every micro-batch, in order.
+        weights: the final parameters (full, fp32, CPU), by name.
+    """
+
+    micro_losses: list[float]
+    weights: dict[str, torch.Tensor]
+
+
+def engine_loop(model: torch.nn.Module, config: dict, train_data: Any, steps: int, *, seed: int = 0,
+                loss: Callable[[Any, Any], torch.Tensor] | None = None) -> EngineLoopResult:
+    """The loop users write by hand, as the reference for a ``TrainerLoop``.
+
+    ``deepspeed.initialize``, then ``engine.backward`` / ``engine.step`` for ``steps``
+    optimizer steps over a ``DataLoader`` on a ``DistributedSampler`` seeded like
+    ``TrainerLoop``'s (shuffled, ``drop_last``, ``set_epoch`` each epoch). Needs a process
+    group (``deepspeed.init_distributed()``); every rank calls it.
+
+    Args:
+        model: a freshly built model, initialized like the one given to the loop.
+        config: a DeepSpeed config without ``"auto"`` values.
+        train_data: a map-style dataset.
+        steps: optimizer steps.
+        seed: the loop's seed.
+        loss: ``loss(engine, batch) -> tensor``; default: the default ``compute_loss`` rules.
+
+    Returns:
+        This rank's micro-batch losses and final weights.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from .config import resolve_config
+    from .loop import loss_from_output
+    from .runtime import seed_everything
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    resolved = resolve_config(config, world_size=world)
+    seed_everything(seed)
+    engine, *_ = deepspeed.initialize(model=model, config=resolved,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(train_data, batch_size=resolved["train_micro_batch_size_per_gpu"], sampler=sampler,
+                        drop_last=True)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+    loss = loss or (lambda eng, batch: loss_from_output(eng(**batch) if isinstance(batch, dict) else eng(*batch)))
+    losses, step, epoch = [], 0, 0
+    while step < steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            value = loss(engine, _cast_floats(batch, dtype))
+            engine.backward(value)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            losses.append(value.item())
+            step += boundary
+            if step == steps:
+                break
+        epoch += 1
+    weights = full_parameters(engine)
+    engine.destroy()
+    return EngineLoopResult(losses, weights)
+
+
+def _cast_floats(batch: Any, dtype: torch.dtype | None) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if dtype is not None and batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_cast_floats(v, dtype) for v in batch)
+    return batch
+
+
+def assert_matches_engine_loop(make_loop: Callable[[torch.nn.Module], Any], make_model: Callable[[], torch.nn.Module],
+                               config: dict, train_data: Any, steps: int, *, seed: int = 0, rel: float = 1e-6,
+                               loss: Callable[[Any, Any], torch.Tensor] | None = None) -> EngineLoopResult:
+    """Assert a ``TrainerLoop`` trains exactly as the hand-written :func:`engine_loop`.
+
+    Runs the reference loop, then ``make_loop(make_model()).train()`` for ``steps``
+    optimizer steps, and compares every micro-batch loss and every final weight on this
+    rank. Call it on every rank (inside :func:`run_ranks`, or :func:`single_process`).
+
+    Args:
+        make_loop: builds the loop around the model it is given (with ``max_steps=steps``,
+            the same ``config``, ``train_data`` and ``seed``).
+        make_model: builds identically initialized models (seed inside it).
+        config, train_data, steps, seed, loss: as for :func:`engine_loop`.
+        rel: relative tolerance; 0 asks for bit-identical results.
+
+    Returns:
+        The reference result.
+
+    Raises:
+        AssertionError: naming the first micro-batch or parameter that differs.
+    """
+    import deepspeed
+
+    deepspeed.init_distributed()  # one group for both loops; left for the caller to end
+    reference = engine_loop(make_model(), config, train_data, steps, seed=seed, loss=loss)
+    loop = make_loop(make_model())
+    recorded = _record(loop)
+    loop.train()
+    _compare_losses(reference.micro_losses, recorded.micro_losses, rel)
+    _compare_weights(reference.weights, recorded.weights, rel)
+    return reference
+
+
+def _record(loop) -> EngineLoopResult:
+    """Wrap the loop instance's compute_loss and on_train_end to keep losses and weights."""
+    result = EngineLoopResult([], {})
+    compute_loss, on_train_end = loop.compute_loss, loop.on_train_end
+
+    def recording_loss(batch):
+        value = compute_loss(batch)
+        result.micro_losses.append(value.item())
+        return value
+
+    def recording_end(summary):
+        result.weights.update(full_parameters(loop.engine))
+        on_train_end(summary)
+
+    loop.compute_loss, loop.on_train_end = recording_loss, recording_end
+    return result
+
+
+def _compare_losses(expected: list[float], actual: list[float], rel: float) -> None:
+    if len(expected) != len(actual):
+        raise AssertionError(f"the loop ran {len(actual)} micro-batches, the engine loop {len(expected)}")
+    for index, (want, got) in enumerate(zip(expected, actual)):
+        if abs(want - got) > rel * max(abs(want), abs(got)):
+            raise AssertionError(f"micro-batch {index}: loop loss {got!r} != engine-loop loss {want!r} "
+                                 f"(relative tolerance {rel:g})")
+
+
+def _compare_weights(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], rel: float) -> None:
+    for name, want in expected.items():
+        got = actual[name]
+        if rel == 0:
+            ok = torch.equal(want, got)
+        else:
+            ok = torch.allclose(got, want, rtol=rel, atol=rel * float(want.abs().max().clamp(min=1e-12)))
+        if not ok:
+            diff = (got - want).abs().max().item()
+            raise AssertionError(f"parameter {name!r} differs from the engine loop's by up to {diff:.3g}")
