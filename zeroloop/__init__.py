@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
-from .runtime import seed_everything  # noqa: E402
+from .runtime import init_distributed, seed_everything, teardown  # noqa: E402
 
 __all__ = [
     "ConfigError",
@@ -17,6 +17,8 @@ __all__ = [
     "TrainSummary",
     "TrainerLoop",
     "__version__",
+    "init_distributed",
     "resolve_config",
     "seed_everything",
+    "teardown",
 ]

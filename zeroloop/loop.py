@@ -358,15 +358,10 @@ class TrainerLoop:
             raise ConfigError(problems, subject="TrainerLoop arguments")
 
     def _prepare_process(self) -> None:
-        import deepspeed
         import deepspeed.comm as dist
 
-        runtime.ensure_rank_env()
-        runtime.set_cpu_threads()
-        runtime.register_exit_pause()
+        self._owns_process_group = runtime.init_distributed()
         runtime.seed_everything(self.seed)
-        self._owns_process_group = not dist.is_initialized()
-        deepspeed.init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def _resolve_config(self) -> dict:

@@ -64,6 +64,28 @@ def ensure_rank_env() -> bool:
     return standalone
 
 
+def init_distributed() -> bool:
+    """Start the process group the way ``TrainerLoop`` does, for scripts that want to keep it.
+
+    Fills in the rank variables of a plain ``python`` run, splits the CPU threads between
+    local ranks, registers the exit pause and calls ``deepspeed.init_distributed()``. A
+    loop started afterwards reuses the group and leaves it up; end it with
+    :func:`teardown` (``engine=None``).
+
+    Returns:
+        True if this call started the group, False if it already existed.
+    """
+    import deepspeed
+    import deepspeed.comm as dist
+
+    ensure_rank_env()
+    set_cpu_threads()
+    register_exit_pause()
+    started = not dist.is_initialized()
+    deepspeed.init_distributed()
+    return started
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
