@@ -153,6 +153,15 @@ BAD_CONFIGS = [
     ("mismatched precision", base(bf16={"enabled": False}), {"hparams": Hyperparameters(precision="bf16")},
      "bf16.enabled: the config says false"),
     ("bad precision", base(), {"hparams": Hyperparameters(precision="fp8")}, "precision: must be one of"),
+    ("negative loss scale", base(fp16={"enabled": True, "loss_scale": -1}), {}, "fp16.loss_scale: must be >= 0"),
+    ("scale power", base(fp16={"enabled": True, "initial_scale_power": 100}), {},
+     "fp16.initial_scale_power: must be a whole number between 0 and 64"),
+    ("scale window", base(fp16={"enabled": True, "loss_scale_window": 0}), {}, "fp16.loss_scale_window"),
+    ("hysteresis", base(fp16={"enabled": True, "hysteresis": "2"}), {}, "fp16.hysteresis"),
+    ("min loss scale", base(fp16={"enabled": True, "min_loss_scale": 0}), {}, "fp16.min_loss_scale: must be a number > 0"),
+    ("consecutive hysteresis", base(fp16={"enabled": True, "consecutive_hysteresis": 1}), {},
+     "fp16.consecutive_hysteresis: must be true or false"),
+    ("fp16 typo", base(fp16={"enabled": True, "loss_scale_windows": 100}), {}, "did you mean fp16.'loss_scale_window'"),
 ]
 
 

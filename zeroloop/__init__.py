@@ -8,12 +8,15 @@ __version__ = "0.1.0"
 
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
+from .precision import HealthPolicy, NumericalHealthError  # noqa: E402
 from .runtime import init_distributed, seed_everything, teardown  # noqa: E402
 
 __all__ = [
     "ConfigError",
+    "HealthPolicy",
     "Hyperparameters",
     "LogSettings",
+    "NumericalHealthError",
     "TrainSummary",
     "TrainerLoop",
     "__version__",

@@ -203,6 +203,7 @@ def validate_structure(cfg: dict) -> list[str]:
     if not_objects:  # the checks below read inside the sections
         return problems + not_objects
     problems += check_precision(cfg)
+    problems += check_fp16(cfg.get("fp16", {}))
     problems += check_zero(cfg.get("zero_optimization", {}))
     problems += check_named_section(cfg, "optimizer")
     problems += check_named_section(cfg, "scheduler")
@@ -249,6 +250,32 @@ def check_precision(cfg: Mapping) -> list[str]:
     if cfg.get("fp16", {}).get("enabled") is True and cfg.get("bf16", {}).get("enabled") is True:
         problems.append("fp16.enabled and bf16.enabled are both true: enable one of them "
                         "(bf16 needs no loss scaling; prefer it where the hardware has it)")
+    return problems
+
+
+FP16_KEYS = frozenset({"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window",
+                       "hysteresis", "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads"})
+
+
+def check_fp16(fp16: Mapping) -> list[str]:
+    """The loss-scaling knobs: types and ranges (``loss_scale`` 0 means dynamic)."""
+    problems = unknown_keys(fp16, FP16_KEYS, prefix="fp16.")
+    problems += check_number(fp16, "loss_scale", minimum=0, prefix="fp16.")
+    for key, minimum, maximum in (("initial_scale_power", 0, 64), ("loss_scale_window", 1, None),
+                                  ("hysteresis", 1, None)):
+        value = fp16.get(key)
+        if value is None:
+            continue
+        if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            problems.append(f"fp16.{key}: must be a whole number {bound}, got {value!r}")
+    min_scale = fp16.get("min_loss_scale")
+    if min_scale is not None and (isinstance(min_scale, bool) or not isinstance(min_scale, numbers.Real)
+                                  or min_scale <= 0):
+        problems.append(f"fp16.min_loss_scale: must be a number > 0, got {min_scale!r}")
+    for key in ("consecutive_hysteresis", "auto_cast"):
+        if key in fp16 and not isinstance(fp16[key], bool):
+            problems.append(f"fp16.{key}: must be true or false, got {fp16[key]!r}")
     return problems
 
 

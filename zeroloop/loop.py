@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from . import runtime
-from .config import ConfigError, Hyperparameters, batch_sizes, load_config, resolve_config
+from .config import ConfigError, Hyperparameters, batch_sizes, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
 from .metrics import MetricsLog, ProgressBar
+from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard
 
 log = logging.getLogger("zeroloop")
 
@@ -58,6 +59,8 @@ class TrainSummary:
         samples, tokens: consumed over all ranks (tokens None when batches carry none).
         wall_time_s: seconds spent in the loop, set-up excluded.
         samples_per_sec, tokens_per_sec: over all ranks, over ``wall_time_s``.
+        skipped_steps: optimizer steps skipped for fp16 overflow (DeepSpeed's count).
+        skipped_micro_batches: micro-batches dropped for a non-finite loss (policy "skip").
         history: every logged metrics record, in order.
     """
 
@@ -71,6 +74,8 @@ class TrainSummary:
     wall_time_s: float = 0.0
     samples_per_sec: float = 0.0
     tokens_per_sec: float | None = None
+    skipped_steps: int = 0
+    skipped_micro_batches: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +129,8 @@ class TrainerLoop:
         hparams: values for the config's ``"auto"`` keys (micro-batch, lr, precision...).
         log: progress bar and metrics settings.
         eval_every: optimizer steps between evaluations (None: only at the end).
+        health: what to do about fp16 overflows and non-finite losses (see
+            :class:`~zeroloop.precision.HealthPolicy`).
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -147,6 +154,7 @@ class TrainerLoop:
         hparams: Hyperparameters | None = None,
         log: LogSettings | None = None,
         eval_every: int | None = None,
+        health: HealthPolicy | None = None,
     ):
         self.model = model
         self.config = config
@@ -162,6 +170,7 @@ class TrainerLoop:
         self.hparams = hparams or Hyperparameters()
         self.log = log or LogSettings()
         self.eval_every = eval_every
+        self.health = health or HealthPolicy()
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
@@ -175,6 +184,8 @@ class TrainerLoop:
         self.world_size = 1
         self._owns_process_group = False
         self._metrics_log: MetricsLog | None = None
+        self._scale_monitor: LossScaleMonitor | None = None
+        self._nonfinite: NonFiniteGuard | None = None
 
     # --- what subclasses override -----------------------------------------------------
 
@@ -237,6 +248,9 @@ class TrainerLoop:
             for batch in self._micro_batches():
                 batch = self._to_device(batch)
                 loss = self.compute_loss(batch)
+                if self._nonfinite and self._nonfinite.should_skip(loss, self.global_step, self.batches_in_epoch - 1,
+                                                                  self.epoch):
+                    continue
                 engine.backward(loss)
                 # Ask before step(): step() advances the micro-step counter.
                 boundary = engine.is_gradient_accumulation_boundary()
@@ -250,6 +264,8 @@ class TrainerLoop:
 
                 self.global_step += 1
                 metrics = {"step": self.global_step, "epoch": self.epoch, "lr": self.current_lr()}
+                if self._scale_monitor:
+                    metrics.update(self._scale_monitor.after_step(self.global_step))
                 if logging_step:
                     metrics.update(self._reduce_window(window, summary))
                     metrics["grad_norm"] = grad_norm_of(engine, fallback=norm)
@@ -273,6 +289,8 @@ class TrainerLoop:
 
         self._close_finished_epoch()
         summary.steps, summary.epochs = self.global_step, self.epoch
+        summary.skipped_steps = int(engine.skipped_steps)
+        summary.skipped_micro_batches = self._nonfinite.skipped if self._nonfinite else 0
         summary.wall_time_s = time.perf_counter() - started
         summary.samples_per_sec = summary.samples / summary.wall_time_s
         if summary.tokens is not None:
@@ -335,6 +353,7 @@ class TrainerLoop:
         self._write_resolved_config()
         self.engine = self._build_engine()
         self._after_engine_init()
+        self._build_health_checks()
         self.eval_loader = self._build_eval_loader()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
                                        enabled=self.rank == 0)
@@ -354,6 +373,7 @@ class TrainerLoop:
             problems.append(f"model: must be a torch.nn.Module, got {type(self.model).__name__}")
         if self.loss_fn is not None and not callable(self.loss_fn):
             problems.append("loss_fn: must be callable as loss_fn(outputs, targets)")
+        problems += self.health.problems()
         if problems:
             raise ConfigError(problems, subject="TrainerLoop arguments")
 
@@ -394,6 +414,7 @@ class TrainerLoop:
                                       hidden_size=hidden_size_of(self.model))
         except ConfigError as e:
             raise ConfigError(e.problems + problems, source=e.source) from None
+        problems += fp16_support_problems(resolved)
         if problems:
             raise ConfigError(problems)
         return resolved
@@ -433,6 +454,12 @@ class TrainerLoop:
         # barrier after init; its name can go now (the mappings stay valid).
         dist.barrier()
         runtime.unlink_own_shm_buffer()
+
+    def _build_health_checks(self) -> None:
+        if self.engine.fp16_enabled():
+            self._scale_monitor = LossScaleMonitor(self.engine, self.health)
+        elif self.health.non_finite != "off":
+            self._nonfinite = NonFiniteGuard(self.health, self.rank, self.world_size, self.engine.device)
 
     def _build_eval_loader(self):
         if self.eval_data is None:
@@ -516,6 +543,19 @@ class TrainerLoop:
         if self._metrics_log is not None:
             self._metrics_log.close()
         runtime.teardown(self.engine, destroy_process_group=self._owns_process_group, barrier=clean)
+
+
+def fp16_support_problems(config: Mapping[str, Any]) -> list[str]:
+    """fp16 asked for on a device that refuses it: say so before DeepSpeed does, with the fix."""
+    if precision_of(config) != "fp16":
+        return []
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.is_fp16_supported():
+        return []
+    return [f"fp16.enabled: this device ({accelerator.device_name()}) does not support fp16; use "
+            "\"bf16\": {\"enabled\": true} or fp32 (tests on a CPU: zeroloop.testing.fp16_on_cpu())"]
 
 
 def loss_from_output(output: Any) -> torch.Tensor:

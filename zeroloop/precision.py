@@ -1,0 +1,217 @@
+"""Numerical health: fp16 loss scaling made visible, and non-finite losses stopped or skipped.
+
+DeepSpeed's dynamic loss scaler works, but users see it only as "OVERFLOW! Skipping step"
+lines and, under ZeRO, the fatal "Current loss scale already at minimum - cannot decrease
+scale anymore. Exiting run." zeroloop reads the scaler after every optimizer step, reports
+it in the metrics, and stops *before* that exception with the step, the scale history and
+the fixes. bf16 and fp32 have no scaler to save them, so a non-finite loss is caught
+before ``backward`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("zeroloop")
+
+LOSS_SCALE_POLICIES = ("raise", "warn")
+NON_FINITE_POLICIES = ("raise", "skip", "off")
+FIXES = ("switch to bf16 where the hardware has it (no loss scaling needed); lower the learning rate; "
+         "clip gradients (gradient_clipping); check the data for extreme or corrupt batches")
+
+
+class NumericalHealthError(RuntimeError):
+    """Training stopped because its numbers went bad; the message says where and what to try."""
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    """What the loop does when the numbers go bad.
+
+    Attributes:
+        loss_scale: under fp16, when the dynamic scale sits at ``min_loss_scale`` after an
+            overflow (DeepSpeed's next overflow would end the run) or after
+            ``max_consecutive_overflows`` overflowing steps in a row: ``"raise"`` stops with a
+            :class:`NumericalHealthError`; ``"warn"`` logs and keeps going (DeepSpeed is then
+            told not to raise at the minimum scale, and skips those steps).
+        max_consecutive_overflows: overflowing optimizer steps (fp16), or skipped
+            micro-batches (``non_finite="skip"``), in a row that count as persistent and stop
+            the run whatever the policy (gpt-neox uses 50).
+        non_finite: under bf16/fp32, a NaN or infinite loss: ``"raise"`` stops with the step,
+            rank and batch index; ``"skip"`` drops that micro-batch on every rank (no backward,
+            no step) and counts it; ``"off"`` does not check (saves one small all-reduce per
+            micro-batch).
+    """
+
+    loss_scale: str = "raise"
+    max_consecutive_overflows: int = 50
+    non_finite: str = "raise"
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.loss_scale not in LOSS_SCALE_POLICIES:
+            found.append(f"health.loss_scale: must be one of {', '.join(LOSS_SCALE_POLICIES)}, got {self.loss_scale!r}")
+        if self.non_finite not in NON_FINITE_POLICIES:
+            found.append(f"health.non_finite: must be one of {', '.join(NON_FINITE_POLICIES)}, got {self.non_finite!r}")
+        if not isinstance(self.max_consecutive_overflows, int) or self.max_consecutive_overflows < 1:
+            found.append(f"health.max_consecutive_overflows: must be a positive integer, "
+                         f"got {self.max_consecutive_overflows!r}")
+        return found
+
+
+@dataclass
+class ScalerState:
+    """DeepSpeed's loss scaler, read in one shape whatever optimizer wraps it."""
+
+    scale: float
+    min_scale: float | None  # None for a static scale
+    hysteresis: int | None  # overflows left before the scale drops (ZeRO's scaler only)
+    delayed_shift: int | None
+    clean_steps: int | None  # optimizer steps since the last overflow
+
+    def at_minimum(self) -> bool:
+        """True when the next overflow cannot lower the scale any more."""
+        if self.min_scale is None or self.scale > self.min_scale:
+            return False
+        return self.hysteresis is None or self.hysteresis <= 1 or self.delayed_shift == 1
+
+
+def read_scaler(optimizer: Any) -> ScalerState | None:
+    """The fp16 loss scaler of a DeepSpeed optimizer, or None without one.
+
+    ZeRO 1-3 and the unfused fp16 optimizer keep a ``loss_scaler`` (``DynamicLossScaler`` with
+    hysteresis); the fused ``FP16_Optimizer`` (no ZeRO) keeps a ``loss_scale_config``.
+    """
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "cur_scale"):
+        dynamic = getattr(scaler, "dynamic", False)
+        return ScalerState(
+            scale=float(scaler.cur_scale),
+            min_scale=float(scaler.min_scale) if dynamic else None,
+            hysteresis=getattr(scaler, "cur_hysteresis", None) if dynamic else None,
+            delayed_shift=getattr(scaler, "delayed_shift", None) if dynamic else None,
+            clean_steps=(scaler.cur_iter - scaler.last_overflow_iter - 1) if dynamic else None,
+        )
+    config = getattr(optimizer, "loss_scale_config", None)
+    if config is not None and getattr(config, "use_grad_scaling", False):
+        dynamic = config.dynamic_loss_scale
+        return ScalerState(
+            scale=float(config.cur_scale),
+            min_scale=float(config.min_loss_scale) if dynamic else None,
+            hysteresis=None, delayed_shift=None,
+            clean_steps=(config.cur_iter - config.last_overflow_iter - 1) if dynamic else None,
+        )
+    return None
+
+
+class LossScaleMonitor:
+    """Watches the fp16 loss scale after every optimizer step and applies the policy.
+
+    Args:
+        engine: a DeepSpeed engine with fp16 enabled.
+        policy: the health policy.
+    """
+
+    HISTORY = 20  # scales kept for the error message
+
+    def __init__(self, engine, policy: HealthPolicy):
+        self.engine = engine
+        self.policy = policy
+        self.consecutive_overflows = 0
+        self.history: deque[tuple[int, float, bool]] = deque(maxlen=self.HISTORY)
+        if policy.loss_scale == "warn":
+            self._let_deepspeed_continue_at_minimum()
+
+    def _let_deepspeed_continue_at_minimum(self) -> None:
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        if hasattr(scaler, "raise_error_at_min_scale"):
+            scaler.raise_error_at_min_scale = False
+
+    def after_step(self, step: int) -> dict[str, Any]:
+        """Read the scaler after optimizer step ``step``; raise or warn per the policy.
+
+        Returns:
+            ``loss_scale`` (the scale now in force), ``overflow`` (this step was skipped) and
+            ``skipped_steps`` (overflowing steps so far).
+
+        Raises:
+            NumericalHealthError: the policy is "raise" and the scale is stuck.
+        """
+        state = read_scaler(self.engine.optimizer)
+        overflow = not self.engine.was_step_applied()
+        self.consecutive_overflows = self.consecutive_overflows + 1 if overflow else 0
+        self.history.append((step, state.scale, overflow))
+        problem = self._problem(state, overflow)
+        if problem:
+            self._act(problem, step)
+        return {"loss_scale": state.scale, "overflow": overflow, "skipped_steps": int(self.engine.skipped_steps)}
+
+    def _problem(self, state: ScalerState, overflow: bool) -> str | None:
+        if overflow and state.at_minimum():
+            return (f"the fp16 loss scale is at its minimum ({state.min_scale:g}) and the step overflowed; "
+                    "DeepSpeed would end the run at the next overflow")
+        if self.consecutive_overflows >= self.policy.max_consecutive_overflows:
+            return f"{self.consecutive_overflows} optimizer steps in a row overflowed"
+        return None
+
+    def _act(self, problem: str, step: int) -> None:
+        scales = ", ".join(f"{s}:{scale:g}{'*' if o else ''}" for s, scale, o in self.history)
+        message = (f"fp16 training is unstable at step {step}: {problem}. Recent steps (step:scale, * = "
+                   f"overflow): {scales}. Try: {FIXES}.")
+        if self.policy.loss_scale == "raise":
+            raise NumericalHealthError(message + " (HealthPolicy(loss_scale='warn') keeps going instead.)")
+        if self.consecutive_overflows in (self.policy.max_consecutive_overflows, 1) or step % 100 == 0:
+            log.warning(message)
+
+
+class NonFiniteGuard:
+    """Checks each micro-batch loss on every rank before ``backward`` (bf16/fp32).
+
+    All ranks agree through one small all-reduce, so "skip" keeps them in step and "raise"
+    names every rank whose loss was bad.
+    """
+
+    def __init__(self, policy: HealthPolicy, rank: int, world_size: int, device: torch.device):
+        self.policy = policy
+        self.rank = rank
+        self.flags = torch.zeros(world_size, dtype=torch.float32, device=device)
+        self.skipped = 0
+        self.consecutive = 0
+
+    def should_skip(self, loss: torch.Tensor, step: int, batch_index: int, epoch: int) -> bool:
+        """True if this micro-batch must be dropped on every rank.
+
+        Raises:
+            NumericalHealthError: policy "raise" and some rank's loss is not finite.
+        """
+        import deepspeed.comm as dist
+
+        self.flags.zero_()
+        self.flags[self.rank] = (~torch.isfinite(loss.detach())).float().max()
+        dist.all_reduce(self.flags)
+        bad_ranks = torch.nonzero(self.flags).flatten().tolist()
+        if not bad_ranks:
+            self.consecutive = 0
+            return False
+        where = (f"at optimizer step {step + 1}, epoch {epoch}, micro-batch {batch_index} of the epoch, "
+                 f"on rank(s) {bad_ranks}")
+        if self.policy.non_finite == "raise":
+            raise NumericalHealthError(
+                f"non-finite loss ({loss.item()} on rank {self.rank}) {where}. Try: lower the learning rate, "
+                f"clip gradients, check that batch for bad values. HealthPolicy(non_finite='skip') drops such "
+                "micro-batches instead.")
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.policy.max_consecutive_overflows:
+            raise NumericalHealthError(
+                f"{self.consecutive} micro-batches in a row had non-finite losses (the last {where}); skipping "
+                f"cannot help. Try: {FIXES}.")
+        if self.rank == 0:
+            log.warning("skipped micro-batch %d of epoch %d: non-finite loss on rank(s) %s (%d skipped so far)",
+                        batch_index, epoch, bad_ranks, self.skipped)
+        return True
