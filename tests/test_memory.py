@@ -58,6 +58,12 @@ def test_adam_by_name_is_k_12_in_mixed_precision_and_8_in_fp32():
     assert fp32["ddp"].model_states == (4 + 4 + 8) * 10**9  # no separate fp32 master copy
 
 
+def test_zero_in_fp32_keeps_deepspeeds_fp32_partition_copy():
+    fp32 = plan(params=1e9, world_size=2, precision="fp32")
+    assert fp32["zero2"].optimizer == (8 + 4) * 10**9 // 2  # moments + DeepSpeed's fp32 partition
+    assert plan(params=1e9, world_size=2, precision="fp32", optimizer=8)["zero2"].optimizer == 4 * 10**9
+
+
 # --- DeepSpeed's estimators --------------------------------------------------------------------
 
 
@@ -97,7 +103,8 @@ def test_zero3_differs_from_deepspeed_by_the_16bit_parameter_partition():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     psi, largest, n = 7_500_000_000, 131_072_000, 64
-    zero3 = plan(params=psi, largest_layer=largest, world_size=n, devices_per_node=8, ds_config=NO_PREFETCH)["zero3"]
+    zero3 = plan(params=psi, largest_layer=largest, world_size=n, devices_per_node=8,
+                 ds_config=NO_PREFETCH)["zero3"]
     host, device, _ = estimate_zero3_model_states_mem_needs(psi, largest, 8, 8, cpu_offload=False,
                                                             cpu_offload_params=False)
     assert zero3.deepspeed_comparable - device == 2 * psi // n
@@ -123,7 +130,8 @@ def test_deepspeed_printed_estimates_match_the_plan(capsys):
     printed = capsys.readouterr().out
     result = plan(params=psi, largest_layer=largest, world_size=4, ds_config=NO_PREFETCH)
     for name in ("zero2", "zero2-offload", "zero3-offload", "zero3-offload-params"):
-        row = f" {result[name].host_per_node / GiB:7.2f}GB | {result[name].deepspeed_comparable / GiB:6.2f}GB |"
+        host, device = result[name].host_per_node, result[name].deepspeed_comparable
+        row = f" {host / GiB:7.2f}GB | {device / GiB:6.2f}GB |"
         assert row in printed, (name, row, printed)
 
 
@@ -245,7 +253,8 @@ def test_default_buckets_dominate_a_small_model_and_the_plan_says_what_to_set():
     result = plan(params=91e6, world_size=2, precision="fp32", hidden_size=768)
     assert result["zero2"].buffers == 5e8 * 4  # one 5e8-element fp32 reduce bucket
     assert result["zero2"].buffers_touched == 91e6 * 4  # what a CPU commits of it
-    assert {w.split(":")[0] for w in result.warnings} == {"ZeRO-1 (Pos)", "ZeRO-2 (Pos+g)", "ZeRO-3 (Pos+g+p)"}
+    warned = {w.split(":")[0] for w in result.warnings}
+    assert warned == {"ZeRO-1 (Pos)", "ZeRO-2 (Pos+g)", "ZeRO-3 (Pos+g+p)"}
     assert all(f"reduce_bucket_size to {768 * 768}" in w for w in result.warnings)
 
 
@@ -265,7 +274,8 @@ def test_bucket_sizes_come_from_the_deepspeed_config():
 
 
 def test_auto_buckets_resolve_from_the_hidden_size():
-    cfg = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}}
+    cfg = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                 "stage3_prefetch_bucket_size": "auto"}}
     result = plan(params=1e8, world_size=2, ds_config=cfg, hidden_size=1024)
     assert result.inputs.buckets.reduce_bucket_size == 1024 * 1024
     assert result.inputs.buckets.prefetch_bucket_size == int(0.9 * 1024 * 1024)
@@ -287,7 +297,8 @@ def test_the_config_selects_the_current_option():
 
 
 def test_preflight_is_silent_when_the_config_fits():
-    assert preflight(TiedLM(), {"zero_optimization": {"stage": 2}}, world_size=2, device_memory="10GB") is None
+    cfg = {"zero_optimization": {"stage": 2}}
+    assert preflight(TiedLM(), cfg, world_size=2, device_memory="10GB") is None
 
 
 def test_preflight_names_the_option_that_would_fit():
@@ -316,11 +327,11 @@ def test_sizes_accept_gb_and_gib():
 
 def test_every_bad_argument_is_named_at_once():
     with pytest.raises(ConfigError) as info:
-        plan(params=-1, world_size=0, precision="fp8", device_memory="lots", optimizer="rmsprop", micro_batch=4,
-             host_buffer_factor=0.5, ds_config={"zero_optimization": {"stage": 5}})
+        plan(params=-1, world_size=0, precision="fp8", device_memory="lots", optimizer="rmsprop",
+             micro_batch=4, host_buffer_factor=0.5, ds_config={"zero_optimization": {"stage": 5}})
     named = [problem.split(":")[0] for problem in info.value.problems]
-    assert named == ["ds_config.zero_optimization.stage", "params", "world_size", "precision", "device_memory",
-                     "seq_len, hidden_size, layers", "optimizer", "host_buffer_factor"]
+    assert named == ["ds_config.zero_optimization.stage", "params", "world_size", "precision",
+                     "device_memory", "seq_len, hidden_size, layers", "optimizer", "host_buffer_factor"]
     assert "zeroloop.plan arguments has 8 problems" in str(info.value)
     assert "24GB" in str(info.value)  # the fix is in the message
 
@@ -372,13 +383,15 @@ def test_cli_json_is_machine_readable(capsys):
 def test_cli_reads_a_deepspeed_config(tmp_path, capsys):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}}))
-    assert main(["plan", "--params", "1e9", "--gpus", "2", "--gpu-memory", "80GiB", "--config", str(path)]) == 0
+    args = ["plan", "--params", "1e9", "--gpus", "2", "--gpu-memory", "80GiB", "--config", str(path)]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "ZeRO-3 (Pos+g+p) *" in out and "fp16" in out
 
 
 def test_cli_errors_name_the_flags(capsys):
-    assert main(["plan", "--params", "lots", "--gpus", "2", "--gpu-memory", "24 bananas", "--layers", "4"]) == 2
+    args = ["plan", "--params", "lots", "--gpus", "2", "--gpu-memory", "24 bananas", "--layers", "4"]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "--params: must be a whole number" in err
     assert "--gpu-memory: cannot read '24 bananas'" in err

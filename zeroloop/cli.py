@@ -88,15 +88,17 @@ def add_plan_command(commands) -> None:
     p.add_argument("--host-memory", default=None, help="host RAM per node, e.g. 512GB (default: unchecked)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="default: the --config's, else bf16")
-    p.add_argument("--optimizer", default="adam", help="adam, adamw, lamb, adagrad, lion, sgd, sgd-nomomentum, "
-                                                       "or K in bytes per parameter (default %(default)s)")
+    p.add_argument("--optimizer", default="adam",
+                   help="adam, adamw, lamb, adagrad, lion, sgd, sgd-nomomentum, or K in bytes per parameter "
+                        "(default %(default)s)")
     p.add_argument("--largest-layer", default=None, help="parameters of the largest layer (ZeRO-3's gather)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample, for activations")
     p.add_argument("--micro-batch", type=int, default=None, help="samples per device per micro-step")
     p.add_argument("--hidden", type=int, default=None, help="hidden size, for activations and bucket advice")
     p.add_argument("--layers", type=int, default=None, help="transformer layers, for activations")
     p.add_argument("--checkpointing", action="store_true", help="count activations with checkpointing")
-    p.add_argument("--config", default=None, help="a DeepSpeed JSON config (buckets, precision, current stage)")
+    p.add_argument("--config", default=None,
+                   help="a DeepSpeed JSON config (buckets, precision, current stage)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes) instead of a table")
     p.set_defaults(run=run_plan)
 
@@ -118,13 +120,15 @@ def run_plan(args: argparse.Namespace) -> int:
             result = plan(params=parse_count(args.params), world_size=args.gpus * args.nodes,
                           devices_per_node=args.gpus, device_memory=args.gpu_memory,
                           host_memory=args.host_memory, precision=args.precision,
-                          optimizer=parse_count(args.optimizer), largest_layer=parse_count(args.largest_layer),
+                          optimizer=parse_count(args.optimizer),
+                          largest_layer=parse_count(args.largest_layer),
                           micro_batch=args.micro_batch, seq_len=args.seq_len, hidden_size=args.hidden,
                           layers=args.layers, activation_checkpointing=args.checkpointing,
                           ds_config=load_config(args.config) if args.config else None)
     except ConfigError as e:
         problems = [name_flags(p) for p in e.problems]
-        print(f"zeroloop plan: {ConfigError(problems, source=args.config, subject='arguments')}", file=sys.stderr)
+        error = ConfigError(problems, source=args.config, subject="arguments")
+        print(f"zeroloop plan: {error}", file=sys.stderr)
         return 2
     print(result.to_json() if args.json else result.table())
     return 0

@@ -200,9 +200,12 @@ class Option:
     def zero_config(self) -> dict:
         """The ``zero_optimization`` section that selects this option."""
         section: dict[str, Any] = {"stage": self.stage}
-        for key, device in (("offload_optimizer", self.offload_optimizer), ("offload_param", self.offload_param)):
-            if device != "none":
-                section[key] = {"device": device, **({"nvme_path": "/local_nvme"} if device == "nvme" else {})}
+        devices = (("offload_optimizer", self.offload_optimizer), ("offload_param", self.offload_param))
+        for key, device in devices:
+            if device == "cpu":
+                section[key] = {"device": "cpu"}
+            elif device == "nvme":
+                section[key] = {"device": "nvme", "nvme_path": "/local_nvme"}
         return section
 
 
@@ -236,7 +239,8 @@ class OptionPlan:
             bytes/param against the paper's 16 comes from it).
         live_params: ZeRO-3's gathered layers, prefetch and persistent small parameters.
         buffers: gradient communication buffers as allocated (what a GPU reserves).
-        buffers_touched: the part a lazily paged CPU allocator commits (min(bucket, params)).
+        buffers_touched: the part a lazily paged CPU allocator commits (ZeRO-1/2: the
+            min(bucket, trainable parameters) elements gradients are written into).
         activations: activation memory, checkpointed or not as the inputs say.
         device_total: everything above: the verdict compares it with the device memory.
         host_per_node: host RAM per node (model load, offloaded state, pinned buffers).
@@ -386,7 +390,8 @@ def plan(
     activations = estimate_activations(inputs)
     options = tuple(price_option(option, inputs, activations) for option in OPTIONS)
     recommended, reason = recommend(options, inputs)
-    return Plan(inputs, options, recommended, reason, bucket_warnings(options, inputs, hidden_size), activations)
+    warnings = bucket_warnings(options, inputs, hidden_size)
+    return Plan(inputs, options, recommended, reason, warnings, activations)
 
 
 def validate_inputs(args: dict[str, Any]) -> PlanInputs:
@@ -526,11 +531,12 @@ def count_parameters(model, persistence_threshold: int = DEFAULT_BUCKETS["stage3
     for p in model.parameters():
         key = id(p) if p.device.type == "meta" else (p.data_ptr(), p.numel())
         unique[key] = p
+    params = list(unique.values())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return ParamCount(total=sum(p.numel() for p in unique.values()),
-                      trainable=sum(p.numel() for p in unique.values() if p.requires_grad),
+    return ParamCount(total=sum(p.numel() for p in params),
+                      trainable=sum(p.numel() for p in params if p.requires_grad),
                       largest_layer=largest,
-                      persistent=sum(p.numel() for p in unique.values() if p.numel() <= persistence_threshold))
+                      persistent=sum(p.numel() for p in params if p.numel() <= persistence_threshold))
 
 
 def check_topology(world_size: Any, per_node: Any, problems: list[str]) -> tuple[int, int]:
@@ -668,17 +674,26 @@ def price_option(option: Option, inputs: PlanInputs, activations: tuple[int, int
         option=option,
         params=0 if option.offload_param != "none" else ceil(p * psi / (n if option.stage == 3 else 1)),
         grads=ceil(g * trainable / (n if option.stage >= 2 else 1)) if on_device else 0,
-        optimizer=ceil(k * trainable / shard) if on_device else 0,
+        optimizer=ceil(optimizer_bytes_per_param(option, inputs) * trainable / shard) if on_device else 0,
         fp32_grads=fp32_grad_bytes(option, inputs) if on_device else 0,
         live_params=live_param_bytes(option, inputs),
         buffers=buffer_bytes(option, inputs, touched=False),
         buffers_touched=buffer_bytes(option, inputs, touched=True),
-        activations=(activations[1] if inputs.activation_checkpointing else activations[0]) if activations else 0,
+        activations=activations[1 if inputs.activation_checkpointing else 0] if activations else 0,
         host_per_node=host_bytes(option, inputs),
         nvme_per_node=nvme_bytes(option, inputs),
         **deepspeed_estimate(option, inputs),
     )
     return replace(priced, fits=fits(priced, inputs))
+
+
+def optimizer_bytes_per_param(option: Option, inputs: PlanInputs) -> float:
+    """K, plus 4 for ZeRO in fp32: DeepSpeed's ZeRO optimizers keep an fp32 copy of the
+    rank's partition even when the model's parameters are fp32 already (measured:
+    benchmarks/memory_planner.py). DDP in fp32 steps the parameters themselves."""
+    if inputs.mixed or option.stage == 0 or inputs.optimizer.startswith("K="):
+        return inputs.k
+    return inputs.k + FP32_MASTER_BYTES
 
 
 def fp32_grad_bytes(option: Option, inputs: PlanInputs) -> int:
@@ -718,7 +733,9 @@ def buffer_bytes(option: Option, inputs: PlanInputs, touched: bool) -> int:
     b, trainable = inputs.buckets, inputs.params.trainable
     if option.stage == 0:
         return inputs.param_bytes * min(trainable, DEFAULT_BUCKETS["reduce_bucket_size"])
-    size = min(b.reduce_bucket_size, trainable) if touched else b.reduce_bucket_size
+    # ZeRO-1/2 allocate the bucket for each backward and write gradients into at most
+    # `trainable` elements of it; ZeRO-3 keeps it for the run and commits it whole (measured).
+    size = min(b.reduce_bucket_size, trainable) if touched and option.stage < 3 else b.reduce_bucket_size
     # ZeRO-1/2 reduce in the gradient dtype; fp32 runs reduce fp32.
     return b.reduce_buffers(option.stage) * size * inputs.param_bytes
 
@@ -739,8 +756,9 @@ def host_bytes(option: Option, inputs: PlanInputs) -> int:
     if option.offload_param == "cpu":
         offloaded += inputs.param_bytes * counts.total * per_node / n
     if option.offload_optimizer == "nvme":
+        sub_group = min(inputs.buckets.sub_group_size, counts.trainable / n)
         offloaded += per_node * (inputs.param_bytes * NVME_PARAM_BUFFERS
-                                 + NVME_OPTIMIZER_BUFFERS * 4 * min(inputs.buckets.sub_group_size, counts.trainable / n))
+                                 + NVME_OPTIMIZER_BUFFERS * 4 * sub_group)
     if option.offload_optimizer != "none" and not zero3_init:
         return int(max(load, offloaded) * inputs.host_buffer_factor)
     if option.offload_optimizer == "none":
@@ -812,7 +830,8 @@ def reason_for(chosen: OptionPlan, by_name: Mapping[str, OptionPlan], inputs: Pl
     if chosen.name == "ddp" and inputs.world_size == 1:
         return f"one device, nothing to shard: plain DeepSpeed (ZeRO-0) fits ({need} of {have})"
     if chosen.name == "ddp":
-        return (f"ZeRO-2 needs {human(zero2.device_total)} of which {human(zero2.buffers)} are reduce buckets; "
+        return (f"ZeRO-2 needs {human(zero2.device_total)} of which {human(zero2.buffers)} are reduce "
+                "buckets; "
                 f"DDP fits ({need} of {have}); or shrink reduce_bucket_size and use ZeRO-2")
     if chosen.name == "zero3":
         return (f"ZeRO-2 needs {human(zero2.device_total)} per device (the replicated {inputs.precision} "
@@ -820,13 +839,15 @@ def reason_for(chosen: OptionPlan, by_name: Mapping[str, OptionPlan], inputs: Pl
                 f"({need}) at 1.5x DDP's communication")
     where = "NVMe" if "nvme" in chosen.name else "host RAM"
     return (f"no GPU-only option fits in {have} (ZeRO-3 needs {human(by_name['zero3'].device_total)}); "
-            f"{chosen.option.label} fits ({need} per device, {human(chosen.host_per_node)} host RAM per node) "
+            f"{chosen.option.label} fits ({need} per device, {human(chosen.host_per_node)} host RAM per "
+            "node) "
             f"by moving state to {where}, at the cost of PCIe traffic")
 
 
 def nothing_fits_reason(by_name: Mapping[str, OptionPlan], inputs: PlanInputs) -> str:
     smallest = min(by_name.values(), key=lambda o: o.device_total)
-    return (f"nothing fits in {human(inputs.device_memory)} per device (the smallest, {smallest.option.label}, "
+    return (f"nothing fits in {human(inputs.device_memory)} per device (the smallest, "
+            f"{smallest.option.label}, "
             f"needs {human(smallest.device_total)} and {human(smallest.host_per_node)} host RAM per node): "
             "add devices, lower the micro-batch, turn on activation checkpointing or give more host memory")
 
@@ -838,12 +859,14 @@ def bucket_warnings(options: tuple[OptionPlan, ...], inputs: PlanInputs, hidden_
     suggestion = suggested_bucket(inputs, hidden_size)
     for option in options:
         gpu_only = option.option.offload_optimizer == "none" and option.option.stage > 0
-        if not gpu_only or option.buffers <= option.model_states or suggestion >= inputs.buckets.reduce_bucket_size:
+        small = suggestion < inputs.buckets.reduce_bucket_size
+        if not gpu_only or not small or option.buffers <= option.model_states:
             continue
         warnings.append(
             f"{option.option.label}: reduce buckets take {human(option.buffers)} per device "
             f"({inputs.buckets.reduce_buffers(option.option.stage)} x "
-            f"reduce_bucket_size {inputs.buckets.reduce_bucket_size:.3g} x {inputs.param_bytes} B), more than "
+            f"reduce_bucket_size {inputs.buckets.reduce_bucket_size:.3g} x {inputs.param_bytes} B), "
+            "more than "
             f"the model states ({human(option.model_states)}); for a model this small set "
             f"zero_optimization.reduce_bucket_size to {suggestion}"
             + (" and stage3_prefetch_bucket_size to the same" if option.option.stage == 3 else ""))
@@ -951,7 +974,8 @@ def format_table(result: Plan) -> str:
     """Fixed-width table: one row per option, the recommendation and warnings below."""
     i = result.inputs
     lines = [f"{i.params.total:,} parameters ({i.params.trainable:,} trainable, largest layer "
-             f"{i.params.largest_layer:,}), {i.world_size} devices ({i.nodes} node(s) x {i.devices_per_node}), "
+             f"{i.params.largest_layer:,}), {i.world_size} devices "
+             f"({i.nodes} node(s) x {i.devices_per_node}), "
              f"{i.precision}, {i.optimizer} (K={i.k:g}), device memory {human(i.device_memory)}",
              "Per device unless marked; GB = 1e9 bytes, MB = 1e6 bytes (GiB = 2^30 bytes = 1.074 GB). "
              "'DS' = DeepSpeed's estimator.",
