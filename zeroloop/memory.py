@@ -27,12 +27,12 @@ import copy
 import json
 import math
 import numbers
-import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from .config import DEFAULT_BUCKETS, ConfigError, is_int, precision_of, resolve_buckets, zero_stage_of
+from .runtime import local_world_size
 
 GB = 10**9
 GiB = 2**30
@@ -903,7 +903,7 @@ def preflight(model, ds_config: Mapping[str, Any], world_size: int, device_memor
     Returns:
         One line naming the option that would fit, or None when the config fits.
     """
-    local = local_world_size(world_size)
+    local = max(1, local_world_size())  # from the launcher's environment
     memory = device_memory if device_memory is not None else visible_device_memory(local)
     result = plan(model, world_size=world_size, devices_per_node=local if world_size % local == 0 else None,
                   device_memory=memory, ds_config=ds_config)
@@ -916,14 +916,6 @@ def preflight(model, ds_config: Mapping[str, Any], world_size: int, device_memor
               if result.recommended else result.reason)
     return (f"memory pre-flight: {current.option.label} needs about {human(current.device_total)} per device "
             f"but {human(result.inputs.device_memory)} is available; {better}")
-
-
-def local_world_size(world_size: int) -> int:
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
-        value = os.environ.get(key, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return world_size
 
 
 def visible_device_memory(local_ranks: int) -> int:
