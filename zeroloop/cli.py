@@ -8,7 +8,6 @@ on several ranks with ``deepspeed --num_gpus 2 --module zeroloop train`` or
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -111,6 +110,8 @@ PLAN_FLAGS = {"params": "--params", "world_size": "--gpus x --nodes", "devices_p
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    import contextlib
+
     from .config import ConfigError, load_config
     from .memory import parse_count, plan
 
