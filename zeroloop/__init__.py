@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
+from .memory import plan  # noqa: E402
 from .precision import HealthPolicy, NumericalHealthError  # noqa: E402
 from .runtime import init_distributed, seed_everything, teardown  # noqa: E402
 
@@ -21,6 +22,7 @@ __all__ = [
     "TrainerLoop",
     "__version__",
     "init_distributed",
+    "plan",
     "resolve_config",
     "seed_everything",
     "teardown",

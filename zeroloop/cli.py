@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_command(commands)
+    add_plan_command(commands)
     return parser
 
 
@@ -71,6 +72,72 @@ def run_train(args: argparse.Namespace) -> int:
                   "wall_time_s": round(summary.wall_time_s, 1), "output_dir": job.output_dir}
         print(json.dumps(report), flush=True)
     return 0
+
+
+def add_plan_command(commands) -> None:
+    p = commands.add_parser("plan", help="price every ZeRO stage for a model size and recommend one",
+                            description="Per-device memory of DDP, ZeRO-1/2/3 and the offload options, "
+                                        "whether each fits, and the stage to use. GB = 1e9 bytes, "
+                                        "GiB = 2^30 bytes; sizes accept either (24GB, 80GiB).")
+    p.add_argument("--params", required=True, help="parameter count, e.g. 7e9 or 7B")
+    p.add_argument("--gpus", type=int, default=1, help="devices per node (default %(default)s)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default %(default)s)")
+    p.add_argument("--gpu-memory", default=None, help="memory per device, e.g. 24GB or 80GiB")
+    p.add_argument("--host-memory", default=None, help="host RAM per node, e.g. 512GB (default: unchecked)")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="default: the --config's, else bf16")
+    p.add_argument("--optimizer", default="adam",
+                   help="adam, adamw, lamb, adagrad, lion, sgd, sgd-nomomentum, or K in bytes per parameter "
+                        "(default %(default)s)")
+    p.add_argument("--largest-layer", default=None, help="parameters of the largest layer (ZeRO-3's gather)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample, for activations")
+    p.add_argument("--micro-batch", type=int, default=None, help="samples per device per micro-step")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size, for activations and bucket advice")
+    p.add_argument("--layers", type=int, default=None, help="transformer layers, for activations")
+    p.add_argument("--checkpointing", action="store_true", help="count activations with checkpointing")
+    p.add_argument("--config", default=None,
+                   help="a DeepSpeed JSON config (buckets, precision, current stage)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes) instead of a table")
+    p.set_defaults(run=run_plan)
+
+
+# plan() argument -> the flag that sets it, so errors name what the user typed.
+PLAN_FLAGS = {"params": "--params", "world_size": "--gpus x --nodes", "devices_per_node": "--gpus",
+              "device_memory": "--gpu-memory", "host_memory": "--host-memory", "optimizer": "--optimizer",
+              "largest_layer": "--largest-layer", "micro_batch": "--micro-batch", "seq_len": "--seq-len",
+              "hidden_size": "--hidden", "layers": "--layers"}
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .config import ConfigError, load_config
+    from .memory import parse_count, plan
+
+    try:
+        # DeepSpeed logs to stdout when first imported; keep stdout for the plan (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            result = plan(params=parse_count(args.params), world_size=args.gpus * args.nodes,
+                          devices_per_node=args.gpus, device_memory=args.gpu_memory,
+                          host_memory=args.host_memory, precision=args.precision,
+                          optimizer=parse_count(args.optimizer),
+                          largest_layer=parse_count(args.largest_layer),
+                          micro_batch=args.micro_batch, seq_len=args.seq_len, hidden_size=args.hidden,
+                          layers=args.layers, activation_checkpointing=args.checkpointing,
+                          ds_config=load_config(args.config) if args.config else None)
+    except ConfigError as e:
+        problems = [name_flags(p) for p in e.problems]
+        error = ConfigError(problems, source=args.config, subject="arguments")
+        print(f"zeroloop plan: {error}", file=sys.stderr)
+        return 2
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def name_flags(problem: str) -> str:
+    """``"seq_len, layers: ..."`` -> ``"--seq-len, --layers: ..."``."""
+    names, _, rest = problem.partition(":")
+    return ", ".join(PLAN_FLAGS.get(name, name) for name in names.split(", ")) + ":" + rest
 
 
 def main(argv: list[str] | None = None) -> int:
