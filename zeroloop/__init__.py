@@ -7,6 +7,7 @@
 __version__ = "0.1.0"
 
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
+from .consolidate import consolidate  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
 from .runtime import seed_everything  # noqa: E402
 
@@ -17,6 +18,7 @@ __all__ = [
     "TrainSummary",
     "TrainerLoop",
     "__version__",
+    "consolidate",
     "resolve_config",
     "seed_everything",
 ]
