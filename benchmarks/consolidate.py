@@ -45,6 +45,11 @@ sys.path.insert(0, REPO)
 
 METHODS = ["zeroloop", "ds_cli_safetensors", "ds_cli_bin", "ds_safetensors", "ds_bin", "ds_state_dict",
            "ds_state_dict_lazy"]
+# ZeRO-3 buckets far below the defaults (reduce_bucket_size 5e8 elements is 2 GB of fp32 per
+# rank), so that making the checkpoint fits beside other work; in elements. sub_group_size
+# also gives each rank several flat fp32 groups, as large models have.
+LEAN_ZERO3 = {"reduce_bucket_size": 2e7, "stage3_prefetch_bucket_size": 2e7, "stage3_max_live_parameters": 5e7,
+              "stage3_max_reuse_distance": 5e7, "sub_group_size": 5e7}
 TARGETS = {"peak_rss": 0.5, "wall": 1.0}  # zeroloop / DeepSpeed's working writer (ds_bin), at most
 
 
@@ -63,8 +68,9 @@ def save_checkpoint_rank(rank: int, path: str, layers: int, width: int, precisio
     deepspeed.init_distributed()
     torch.manual_seed(0)
     model = GPT(n_layer=layers, n_head=max(1, width // 64), n_embd=width, block_size=16)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=tiny_config(stage=3, precision=precision, micro=1))
+    config = tiny_config(stage=3, precision=precision, micro=1)
+    config["zero_optimization"].update(LEAN_ZERO3)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     runtime.unlink_own_shm_buffer()
     del model
     x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(rank))
@@ -133,8 +139,14 @@ def measure(method: str, checkpoint: str, output: str) -> dict:
 def error_line(log_path: str) -> str | None:
     """The last line of a failed run's output that names an exception."""
     with open(log_path, encoding="utf-8", errors="replace") as f:
-        lines = [line.strip() for line in f if "Error" in line]
-    return lines[-1] if lines else None
+        lines = [line.strip() for line in f if line.strip()]
+    found = [i for i, line in enumerate(lines) if "Error" in line]
+    if not found:
+        return None
+    line = lines[found[-1]]
+    if line.endswith(":") and found[-1] + 1 < len(lines):  # the message is on the next line
+        line += " " + lines[found[-1] + 1]
+    return line[:300]
 
 
 # --- checks and the report -----------------------------------------------------------------------

@@ -34,6 +34,7 @@ import mmap
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -385,7 +386,7 @@ def read_layout(tag_dir: str, exclude_frozen: bool = False) -> Layout:
             sources = _zero3_param_sources(meta["param_shapes"], optim_files)
             sources.update(_zero3_frozen_sources(frozen, model_files))
         else:
-            sources = _zero12_param_sources(optim_files)
+            sources = _zero12_param_sources(meta["param_shapes"], optim_files)
             sources.update({name: [Piece(model_file, ("frozen_param_fragments", name), 0, 0, math.prod(shape))]
                             for name, shape in frozen.items()})
     for name in buffers:
@@ -441,11 +442,14 @@ def _require_rank_files(paths: list[str], world_size: int, tag_dir: str) -> None
 def _find_ties(module: dict, shared_params: dict | None) -> dict[str, str]:
     """``{alias: stored name}`` for state-dict keys that are the same tensor as an earlier key.
 
-    DeepSpeed records ties in ``shared_params`` for stages 1-2 only; the saved module
-    dict keeps them for every stage as tensors sharing storage, offset, shape and stride.
+    DeepSpeed lists ties in ``shared_params`` at stages 1-3 (rank 0's file) but not at stage
+    0; there, as at every stage, the saved module dict keeps tied keys as tensors sharing
+    storage, offset, shape and stride.
     """
     ties, first_name = {}, {}
     for name, tensor in module.items():
+        # The storage's own address (_cdata), not data_ptr(): ZeRO-3 saves every param as an
+        # empty tensor, and empty storages may all report data_ptr() 0.
         key = (tensor.untyped_storage()._cdata, tensor.storage_offset(), tuple(tensor.shape),
                tensor.stride(), tensor.dtype)
         if key in first_name:
@@ -479,11 +483,10 @@ def _consecutive(file_keys_numels: Iterable[tuple[str, tuple, int]]) -> list[_Se
     return segments
 
 
-def _zero12_param_sources(optim_files: list[str]) -> dict[str, list[Piece]]:
+def _zero12_param_sources(param_shapes: list[dict], optim_files: list[str]) -> dict[str, list[Piece]]:
     """ZeRO 1-2: group g is the rank partitions ``single_partition_of_fp32_groups[g]`` end to
     end; its params follow ``param_shapes[g]``, each followed by its alignment padding."""
     states = [_load(path)[OPTIMIZER_STATE] for path in optim_files]
-    param_shapes = _load(os.path.join(os.path.dirname(optim_files[0]), MODEL_FILE))["param_shapes"]
     paddings = states[0].get("param_alignment_paddings")
     world_size = len(optim_files)
     sources = {}
@@ -717,7 +720,7 @@ def _drop_pages(chunk: torch.Tensor) -> None:
     keeps the resident set at one chunk instead of a whole rank partition.
     """
     global _LIBC
-    if not hasattr(os, "sched_getaffinity"):  # Linux only; elsewhere the pages age out
+    if not sys.platform.startswith("linux"):  # elsewhere the pages just age out of the cache
         return
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
