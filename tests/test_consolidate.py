@@ -200,7 +200,8 @@ def test_tied_weight_is_stored_once_and_restored(checkpoints, tmp_path):
         assert json.loads(f.metadata()["tied_weights"]) == {"lm_head.weight": "wte.weight"}
     state_dict = load_state_dict(tmp_path)
     assert state_dict["lm_head.weight"] is state_dict["wte.weight"]
-    assert state_dict.keys() == build_model(False).state_dict().keys()
+    expected = list(build_model(False).state_dict())
+    assert list(state_dict) == [k for k in expected if k != "lm_head.weight"] + ["lm_head.weight"]
 
 
 def test_small_max_shard_size_writes_shards_and_an_index(checkpoints, tmp_path, monkeypatch):

@@ -173,7 +173,8 @@ def load_state_dict(output_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     for path in files:
         with safe_open(path, framework="pt") as f:
             ties.update(_ties_from_metadata(f.metadata()))
-            for name in f.keys():
+            # In file order, which is the model's state-dict order (keys() would sort them).
+            for name in getattr(f, "offset_keys", f.keys)():
                 state_dict[name] = f.get_tensor(name)
     for alias, source in ties.items():
         if source in state_dict:
