@@ -186,10 +186,11 @@ def save_final_weights(engine, path: str | os.PathLike, *, dtype: str | torch.dt
                        max_shard_size: int | str = "5GB", progress: bool = False) -> ConsolidateResult | None:
     """Write a live engine's weights to ``path`` as safetensors (the layout of :func:`consolidate`).
 
-    Collective: every rank must call it. Parameters are taken from the fp32 master
-    weights where the optimizer keeps them (ZeRO 1-3, bf16/fp16), else from the module;
-    under ZeRO-3 each parameter is gathered in turn, so no rank holds the whole model.
-    Rank 0 writes.
+    Collective: every rank must call it, after the last ``engine.step()``. Parameters are
+    taken from the fp32 master weights where the optimizer keeps them (ZeRO 1-3, and
+    stage 0 in bf16/fp16), else from the module; under ZeRO-3 each parameter is gathered
+    in turn, so no rank holds the whole model. Rank 0 writes; if it cannot create
+    ``path`` it raises at once, while the other ranks would wait in the first gather.
 
     Args:
         engine: a ``DeepSpeedEngine`` (or a plain ``nn.Module`` in a single process).
@@ -204,21 +205,20 @@ def save_final_weights(engine, path: str | os.PathLike, *, dtype: str | torch.dt
     module = getattr(engine, "module", engine)
     entries, ties, fetchers = _live_entries(engine, module)
     shards = plan_shards(entries, out_dtype, shard_bytes)
-    is_writer = _rank() == 0
-    with _staging_dir(path) if is_writer else contextlib.nullcontext() as staging:
-        writers = _open_shards(shards, ties, staging) if is_writer else {}
+    if _rank() != 0:
+        for entry in entries:
+            fetchers[entry.name]()  # collective: rank 0 makes the same calls in the same order
+        return None
+    with _staging_dir(path) as staging:
+        writers = _open_shards(shards, ties, staging)
         try:
-            with _progress(sum(s.nbytes for s in shards), progress and is_writer) as bar:
+            with _progress(sum(s.nbytes for s in shards), progress) as bar:
                 for entry in entries:
-                    tensor = fetchers[entry.name]()  # collective under ZeRO-3 and for hp params
-                    if is_writer:
-                        writers[entry.name].write(entry.name, 0, tensor.reshape(-1))
-                        bar.update(entry.numel * entry.out_dtype.itemsize)
+                    writers[entry.name].write(entry.name, 0, fetchers[entry.name]().reshape(-1))
+                    bar.update(entry.numel * entry.out_dtype.itemsize)
         finally:
             for writer in set(writers.values()):
                 writer.close()
-        if not is_writer:
-            return None
         _write_index(shards, ties, staging)
         files = _publish(staging, path)
     return ConsolidateResult(output_dir=os.fspath(path), files=files, total_size=sum(s.nbytes for s in shards),
@@ -834,12 +834,11 @@ def _live_entries(engine, module: torch.nn.Module):
     """
     params = dict(module.named_parameters(remove_duplicate=False))
     buffers = dict(module.named_buffers(remove_duplicate=False))
-    persistent = set(module.state_dict(keep_vars=True).keys())
     entries, ties, fetchers, first_name = [], {}, {}, {}
     masters = _stage0_masters(engine)
-    for name in module.state_dict(keep_vars=True).keys():
+    for name in module.state_dict(keep_vars=True):  # persistent buffers only, like state_dict()
         tensor = params.get(name, buffers.get(name))
-        if tensor is None or name not in persistent:
+        if tensor is None:  # an extra state entry: not a tensor of the module
             continue
         if id(tensor) in first_name:
             ties[name] = first_name[id(tensor)]
