@@ -48,8 +48,8 @@ METHODS = ["zeroloop", "ds_cli_safetensors", "ds_cli_bin", "ds_safetensors", "ds
 # ZeRO-3 buckets far below the defaults (reduce_bucket_size 5e8 elements is 2 GB of fp32 per
 # rank), so that making the checkpoint fits beside other work; in elements. sub_group_size
 # also gives each rank several flat fp32 groups, as large models have.
-LEAN_ZERO3 = {"reduce_bucket_size": 2e7, "stage3_prefetch_bucket_size": 2e7, "stage3_max_live_parameters": 5e7,
-              "stage3_max_reuse_distance": 5e7, "sub_group_size": 5e7}
+LEAN_ZERO3 = {"reduce_bucket_size": 2e7, "stage3_prefetch_bucket_size": 2e7,
+              "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "sub_group_size": 5e7}
 TARGETS = {"peak_rss": 0.5, "wall": 1.0}  # zeroloop / DeepSpeed's working writer (ds_bin), at most
 
 
@@ -122,15 +122,18 @@ def run_child(method: str, checkpoint: str, output: str) -> None:
 def measure(method: str, checkpoint: str, output: str) -> dict:
     """Wall time (s) and peak RSS (MiB) of one method in a fresh process."""
     shutil.rmtree(output, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
     log_path = output + ".log"
     with open(log_path, "wb") as log:
         started = time.perf_counter()
-        proc = subprocess.Popen(command(method, checkpoint, output), stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(command(method, checkpoint, output), stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
-    result = {"ok": proc.returncode == 0, "wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    result = {"ok": proc.returncode == 0, "wall_s": round(wall, 2),
+              "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}  # ru_maxrss is in KiB on Linux
     if not result["ok"]:
         result["error"] = error_line(log_path) or f"exit code {proc.returncode}"
     return result
@@ -195,7 +198,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each method (min wall, max RSS)")
     parser.add_argument("--tmp", default="/tmp", help="where the temporary checkpoint goes")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "consolidate_cpu.json"))
-    parser.add_argument("--child", nargs=3, metavar=("METHOD", "CHECKPOINT", "OUTPUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "CHECKPOINT", "OUTPUT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(*args.child)
@@ -230,7 +234,8 @@ def main() -> None:
             "targets": {"vs": "ds_bin", **TARGETS},
         }
         vs = report["ratios"].get("zeroloop/ds_bin")
-        report["targets"]["met"] = bool(vs and vs["peak_rss"] <= TARGETS["peak_rss"] and vs["wall"] <= TARGETS["wall"])
+        report["targets"]["met"] = bool(vs and vs["peak_rss"] <= TARGETS["peak_rss"]
+                                        and vs["wall"] <= TARGETS["wall"])
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
@@ -246,7 +251,8 @@ def versions() -> dict:
     import safetensors
     import torch
 
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "safetensors": safetensors.__version__}
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "safetensors": safetensors.__version__}
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def assert_bitwise_equal(ours: dict, theirs: dict) -> None:
     assert ours.keys() == theirs.keys()
     for name, tensor in theirs.items():
         assert ours[name].dtype == tensor.dtype, name
-        assert torch.equal(ours[name].view(-1).view(torch.uint8), tensor.contiguous().view(-1).view(torch.uint8)), name
+        as_bytes = tensor.contiguous().view(-1).view(torch.uint8)
+        assert torch.equal(ours[name].view(-1).view(torch.uint8), as_bytes), name
 
 
 def model_outputs(state_dict: dict, frozen: bool = False, dtype=torch.float32) -> torch.Tensor:

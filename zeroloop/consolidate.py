@@ -221,7 +221,8 @@ def save_final_weights(engine, path: str | os.PathLike, *, dtype: str | torch.dt
                 writer.close()
         _write_index(shards, ties, staging)
         files = _publish(staging, path)
-    return ConsolidateResult(output_dir=os.fspath(path), files=files, total_size=sum(s.nbytes for s in shards),
+    return ConsolidateResult(output_dir=os.fspath(path), files=files,
+                             total_size=sum(s.nbytes for s in shards),
                              num_tensors=len(entries), ties=dict(ties), stage=_zero_stage(engine),
                              world_size=_world_size(), tag="")
 
@@ -288,8 +289,9 @@ def resolve_tag_dir(checkpoint_dir: str | os.PathLike, tag: str | None) -> tuple
             tag = f.read().strip()
     tag_dir = os.path.join(root, tag)
     if not _has_model_states(tag_dir):
-        raise CheckpointNotFoundError(f"tag {tag!r} does not exist in {root!r} (no {tag_dir}/*_model_states.pt); "
-                                      f"tags found: {_list_tags(root) or 'none'}")
+        tags = _list_tags(root) or "none"
+        raise CheckpointNotFoundError(f"tag {tag!r} does not exist in {root!r} "
+                                      f"(no {tag_dir}/*_model_states.pt); tags found: {tags}")
     return tag_dir, tag
 
 
@@ -388,8 +390,8 @@ def read_layout(tag_dir: str, exclude_frozen: bool = False) -> Layout:
             sources.update(_zero3_frozen_sources(frozen, model_files))
         else:
             sources = _zero12_param_sources(meta["param_shapes"], optim_files)
-            sources.update({name: [Piece(model_file, ("frozen_param_fragments", name), 0, 0, math.prod(shape))]
-                            for name, shape in frozen.items()})
+            sources.update({name: [Piece(model_file, ("frozen_param_fragments", name), 0, 0,
+                                         math.prod(shape))] for name, shape in frozen.items()})
     for name in buffers:
         if name in module:
             sources[name] = [Piece(model_file, ("module", name), 0, 0, module[name].numel())]
@@ -409,8 +411,10 @@ def _model_file(tag_dir: str) -> str:
     for name in (MODEL_FILE, ZERO3_MODEL_FILE.format(rank=0)):
         if os.path.isfile(os.path.join(tag_dir, name)):
             return os.path.join(tag_dir, name)
-    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(tag_dir), "*_model_states.pt")))
-    raise CheckpointNotFoundError(f"{tag_dir!r} has neither {MODEL_FILE} nor {ZERO3_MODEL_FILE.format(rank=0)} "
+    pattern = os.path.join(glob.escape(tag_dir), "*_model_states.pt")
+    found = sorted(os.path.basename(p) for p in glob.glob(pattern))
+    raise CheckpointNotFoundError(f"{tag_dir!r} has neither {MODEL_FILE} nor "
+                                  f"{ZERO3_MODEL_FILE.format(rank=0)} "
                                   f"(found: {found or 'none'}); rank 0's file is missing, or the checkpoint "
                                   "uses tensor/pipeline parallelism, which is not supported")
 
@@ -492,7 +496,8 @@ def _zero12_param_sources(param_shapes: list[dict], optim_files: list[str]) -> d
     world_size = len(optim_files)
     sources = {}
     for g, shapes in enumerate(param_shapes):
-        segments = _consecutive((path, (OPTIMIZER_STATE, ZERO12_FP32_GROUPS, g), state[ZERO12_FP32_GROUPS][g].numel())
+        keys = (OPTIMIZER_STATE, ZERO12_FP32_GROUPS, g)
+        segments = _consecutive((path, keys, state[ZERO12_FP32_GROUPS][g].numel())
                                 for path, state in zip(optim_files, states))
         offset = 0
         for i, (name, shape) in enumerate(shapes.items()):
@@ -550,12 +555,13 @@ def _stage0_sources(meta: dict, model_file: str, ties: dict, buffers: set) -> di
     flat = (meta.get("optimizer") or {}).get("fp32_groups_flat")
     if not flat or all(module[name].dtype == torch.float32 for name in params):
         return {name: [Piece(model_file, ("module", name), 0, 0, module[name].numel())] for name in params}
-    segments = _consecutive((model_file, ("optimizer", "fp32_groups_flat", g), t.numel()) for g, t in enumerate(flat))
+    segments = _consecutive((model_file, ("optimizer", "fp32_groups_flat", g), t.numel())
+                            for g, t in enumerate(flat))
     available = sum(t.numel() for t in flat)
     needed = sum(module[name].numel() for name in params)
     if needed != available:
-        raise CheckpointError(f"{model_file}: the module's {len(params)} parameters take {needed} elements but "
-                              f"the fp32 master groups hold {available}; only optimizers built from "
+        raise CheckpointError(f"{model_file}: the module's {len(params)} parameters take {needed} elements "
+                              f"but the fp32 master groups hold {available}; only optimizers built from "
                               "model.parameters() in order can be mapped at stage 0")
     sources, offset = {}, 0
     for name in params:
@@ -567,7 +573,8 @@ def _stage0_sources(meta: dict, model_file: str, ties: dict, buffers: set) -> di
 def _entries_in_module_order(module: dict, sources: dict, ties: dict, excluded: dict,
                              meta: dict) -> list[Entry]:
     """One entry per stored state-dict key, in the model's ``state_dict()`` order."""
-    shapes = {name: tuple(shape) for group in (meta.get("param_shapes") or []) for name, shape in group.items()}
+    shapes = {name: tuple(shape) for group in (meta.get("param_shapes") or [])
+              for name, shape in group.items()}
     shapes.update({name: tuple(shape) for name, shape in (meta.get("frozen_param_shapes") or {}).items()})
     entries = []
     for name, tensor in module.items():
@@ -583,7 +590,8 @@ def _entries_in_module_order(module: dict, sources: dict, ties: dict, excluded: 
     for entry in entries:
         covered = sum(p.numel for p in entry.pieces)
         if covered != entry.numel:
-            raise CheckpointError(f"{entry.name}: found {covered} of its {entry.numel} elements in the checkpoint")
+            raise CheckpointError(f"{entry.name}: found {covered} of its {entry.numel} elements in the "
+                                  "checkpoint; the checkpoint is inconsistent")
     return entries
 
 
