@@ -35,6 +35,8 @@ RUNS = {
     "s2_bf16": (2, "bf16", False, True),
     "s3_fp32": (3, "fp32", False, True),
     "s3_bf16": (3, "bf16", False, True),
+    "s0_fp16": (0, "fp16", False, True),
+    "s3_fp16": (3, "fp16", False, False),
     "s2_frozen": (2, "fp32", True, False),
     "s3_frozen": (3, "fp32", True, True),
 }
@@ -58,30 +60,39 @@ def train_and_save(rank: int, root: str) -> dict:
     import deepspeed
 
     from zeroloop import runtime
-    from zeroloop.consolidate import save_final_weights
-    from zeroloop.testing import full_parameters
+    from zeroloop.testing import fp16_on_cpu
 
     deepspeed.init_distributed()
     outputs = {}
     for name, (stage, precision, frozen, final) in RUNS.items():
         model = build_model(frozen)
-        engine, *_ = deepspeed.initialize(model=model, config=tiny_config(stage=stage, precision=precision),
-                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
-        runtime.unlink_own_shm_buffer()
-        g = torch.Generator().manual_seed(rank)
-        for _ in range(2):
-            x = torch.randint(0, 256, (2, 8), generator=g)
-            engine.backward(engine(x, labels=x).loss)
-            engine.step()
-        engine.save_checkpoint(os.path.join(root, name))
-        engine.eval()
-        with torch.no_grad():
-            # numpy, not a tensor: torch sends tensors through shared memory, which dies with the rank
-            outputs[name] = engine(fixed_batch()).logits.float().numpy()
-        if precision != "fp32":  # the engine's own half-precision weights (gathered, as fp32)
-            outputs[f"{name}/params"] = {k: v.numpy() for k, v in full_parameters(engine).items()}
-        if final:
-            save_final_weights(engine, os.path.join(root, "final", name))
+        with fp16_on_cpu() if precision == "fp16" else contextlib.nullcontext():
+            engine, *_ = deepspeed.initialize(model=model, config=tiny_config(stage=stage, precision=precision),
+                                              model_parameters=[p for p in model.parameters() if p.requires_grad])
+            runtime.unlink_own_shm_buffer()
+            outputs.update(_train_and_save(engine, rank, root, name, precision, final))
+    return outputs
+
+
+def _train_and_save(engine, rank, root, name, precision, final) -> dict:
+    from zeroloop.consolidate import save_final_weights
+    from zeroloop.testing import full_parameters
+
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        x = torch.randint(0, 256, (2, 8), generator=g)
+        engine.backward(engine(x, labels=x).loss)
+        engine.step()
+    engine.save_checkpoint(os.path.join(root, name))
+    engine.eval()
+    outputs = {}
+    with torch.no_grad():
+        # numpy, not a tensor: torch sends tensors through shared memory, which dies with the rank
+        outputs[name] = engine(fixed_batch()).logits.float().numpy()
+    if precision != "fp32":  # the engine's own half-precision weights (gathered, as fp32)
+        outputs[f"{name}/params"] = {k: v.numpy() for k, v in full_parameters(engine).items()}
+    if final:
+        save_final_weights(engine, os.path.join(root, "final", name))
     return outputs
 
 
@@ -155,28 +166,32 @@ def test_fresh_model_gives_the_trained_engines_outputs(checkpoints, tmp_path, na
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["s0_bf16", "s2_bf16", "s3_bf16"])
-def test_bf16_training_gives_fp32_masters_that_round_to_the_engines_weights(checkpoints, tmp_path, name):
+@pytest.mark.parametrize("name", [n for n, (_, precision, *_) in RUNS.items() if precision != "fp32"])
+def test_half_precision_training_gives_fp32_masters_that_round_to_the_engines_weights(checkpoints, tmp_path,
+                                                                                       name):
     root, engine = checkpoints
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[RUNS[name][1]]
     consolidate_fn(os.path.join(root, name), tmp_path / "fp32")
     masters = load_state_dict(tmp_path / "fp32")
     assert all(t.dtype == torch.float32 for t in masters.values())
-    # The masters rounded to bf16 are the engine's bf16 weights, and so is dtype="bf16" output.
-    consolidate_fn(os.path.join(root, name), tmp_path / "bf16", dtype="bf16")
-    rounded = load_state_dict(tmp_path / "bf16")
+    # The masters rounded to half precision are the engine's weights, and so is that dtype's output.
+    consolidate_fn(os.path.join(root, name), tmp_path / "half", dtype=RUNS[name][1])
+    rounded = load_state_dict(tmp_path / "half")
     assert engine[f"{name}/params"].keys() <= rounded.keys()
     for key, weight in engine[f"{name}/params"].items():
-        assert rounded[key].dtype == torch.bfloat16, key
-        assert torch.equal(rounded[key], masters[key].to(torch.bfloat16)), key
+        assert rounded[key].dtype == half, key
+        assert torch.equal(rounded[key], masters[key].to(half)), key
         assert torch.equal(rounded[key].float(), weight), key
-    model_outputs(rounded, dtype=torch.bfloat16)  # loads strict
+    model_outputs(rounded, dtype=half)  # loads strict
 
 
-def test_stage0_bf16_reads_the_fp32_masters_not_the_bf16_module(checkpoints, tmp_path):
+@pytest.mark.parametrize("name", ["s0_bf16", "s0_fp16"])
+def test_stage0_half_precision_reads_the_fp32_masters_not_the_module(checkpoints, tmp_path, name):
     root, _ = checkpoints
-    consolidate_fn(os.path.join(root, "s0_bf16"), tmp_path)
+    consolidate_fn(os.path.join(root, name), tmp_path)
     masters = load_state_dict(tmp_path)
-    flat = torch.load(os.path.join(root, "s0_bf16", "global_step2", "mp_rank_00_model_states.pt"),
+    tag = open(os.path.join(root, name, "latest")).read().strip()
+    flat = torch.load(os.path.join(root, name, tag, "mp_rank_00_model_states.pt"),
                       weights_only=False)["optimizer"]["fp32_groups_flat"][0]
     stored = [masters[name] for name in build_model(False).state_dict() if name != "lm_head.weight"]
     assert torch.equal(torch.cat([t.reshape(-1) for t in stored]), flat.detach())
