@@ -110,6 +110,37 @@ def _to_torch(value):
     return torch.from_numpy(value)
 
 
+def train_and_save_stages_1_and_3(rank: int, root: str) -> None:
+    """Each rank: two runs (ZeRO-1 and ZeRO-3, fp32), for checkpoints written by 3 ranks."""
+    import deepspeed
+
+    from zeroloop import runtime
+
+    deepspeed.init_distributed()
+    for stage in (1, 3):
+        model = build_model(frozen=False)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=tiny_config(stage=stage))
+        runtime.unlink_own_shm_buffer()
+        _train_and_save(engine, rank, root, f"s{stage}_fp32", "fp32", final=False)
+
+
+@pytest.fixture(scope="module")
+def three_rank_checkpoints(tmp_path_factory):
+    """A folder with s1_fp32 and s3_fp32 checkpoints written by 3 ranks (uneven partitions)."""
+    root = tmp_path_factory.mktemp("three_ranks")
+    run_ranks(train_and_save_stages_1_and_3, 3, str(root), timeout=240)
+    return root
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_three_ranks_match_zero_to_fp32(three_rank_checkpoints, tmp_path, stage):
+    root = three_rank_checkpoints
+    result = consolidate_fn(root / f"s{stage}_fp32", tmp_path)
+    assert result.world_size == 3 and result.stage == stage
+    assert_bitwise_equal(load_state_dict(tmp_path), reference(str(root / f"s{stage}_fp32")))
+
+
 def reference(path: str, **kwargs) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
