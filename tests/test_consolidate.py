@@ -318,6 +318,17 @@ def test_missing_rank_file_names_it_and_the_count(checkpoints, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_rank_files_of_a_larger_run_are_refused(checkpoints, tmp_path):
+    root, _ = checkpoints
+    mixed = tmp_path / "mixed"
+    shutil.copytree(os.path.join(root, "s2_fp32"), mixed)
+    tag_dir = mixed / "global_step2"
+    shutil.copy(tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                tag_dir / "zero_pp_rank_2_mp_rank_00_optim_states.pt")  # left over from a 3-rank run
+    with pytest.raises(CheckpointError, match="ranks up to 2, but the checkpoint was written by 2 ranks"):
+        consolidate_fn(mixed, tmp_path / "out")
+
+
 def test_unknown_tag_lists_the_tags(checkpoints, tmp_path):
     root, _ = checkpoints
     with pytest.raises(CheckpointNotFoundError, match="tag 'global_step9'.*global_step2"):

@@ -373,8 +373,8 @@ def read_layout(tag_dir: str, exclude_frozen: bool = False) -> Layout:
     model_file = _model_file(tag_dir)
     meta = _load(model_file)
     module = meta["module"]
-    world_size = int(meta.get("dp_world_size") or 1)
-    optim_files = _optim_files(tag_dir, world_size, zero=meta.get("param_shapes") is not None)
+    optim_files = _optim_files(tag_dir, meta.get("dp_world_size"), zero=meta.get("param_shapes") is not None)
+    world_size = len(optim_files) or int(meta.get("dp_world_size") or 1)
     ties = _find_ties(module, meta.get("shared_params"))
     buffers = set(meta.get("buffer_names") or ())
     frozen = dict(meta.get("frozen_param_shapes") or {})
@@ -419,8 +419,13 @@ def _model_file(tag_dir: str) -> str:
                                   "uses tensor/pipeline parallelism, which is not supported")
 
 
-def _optim_files(tag_dir: str, world_size: int, zero: bool) -> list[str]:
-    """Each rank's ``*_optim_states.pt``, in rank order; [] for a stage-0 checkpoint."""
+def _optim_files(tag_dir: str, world_size: int | None, zero: bool) -> list[str]:
+    """Each rank's ``*_optim_states.pt``, in rank order; [] for a stage-0 checkpoint.
+
+    Args:
+        world_size: the ranks that wrote the checkpoint (``dp_world_size`` of the model
+            states; None in old checkpoints: then the highest rank file found says).
+    """
     by_rank = {}
     for path in os.listdir(tag_dir):
         match = OPTIM_FILE_RE.match(path)
@@ -428,6 +433,11 @@ def _optim_files(tag_dir: str, world_size: int, zero: bool) -> list[str]:
             by_rank[int(match.group(1))] = os.path.join(tag_dir, path)
     if not by_rank and not zero:
         return []
+    world_size = int(world_size or max(by_rank, default=0) + 1)
+    if by_rank and max(by_rank) >= world_size:
+        raise CheckpointError(f"{tag_dir!r} holds optimizer files of ranks up to {max(by_rank)}, but the "
+                              f"checkpoint was written by {world_size} ranks: files of an older, larger run "
+                              "were left in this tag folder; remove them or use another tag")
     prefix = "bf16_" if any(os.path.basename(p).startswith("bf16_") for p in by_rank.values()) else ""
     expected = [by_rank.get(r, os.path.join(tag_dir, f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
                 for r in range(world_size)]
@@ -453,6 +463,8 @@ def _find_ties(module: dict, shared_params: dict | None) -> dict[str, str]:
     """
     ties, first_name = {}, {}
     for name, tensor in module.items():
+        if not isinstance(tensor, torch.Tensor):  # a module's extra state
+            continue
         # The storage's own address (_cdata), not data_ptr(): ZeRO-3 saves every param as an
         # empty tensor, and empty storages may all report data_ptr() 0.
         key = (tensor.untyped_storage()._cdata, tensor.storage_offset(), tuple(tensor.shape),
