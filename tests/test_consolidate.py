@@ -235,6 +235,17 @@ def test_save_final_weights_writes_what_consolidate_writes(checkpoints, tmp_path
     assert_bitwise_equal(load_state_dict(os.path.join(root, "final", name)), load_state_dict(tmp_path))
 
 
+def test_save_final_weights_of_a_plain_module(tmp_path):
+    from zeroloop.consolidate import save_final_weights
+
+    model = build_model(frozen=True)
+    result = save_final_weights(model, tmp_path, max_shard_size="4KB")
+    assert len(result.files) > 1 and result.ties == {"lm_head.weight": "wte.weight"}
+    loaded = load_state_dict(tmp_path)
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
 # --- format ---------------------------------------------------------------------------------
 
 

@@ -879,7 +879,8 @@ def _fetcher(tensor: torch.Tensor, is_param: bool, masters: dict[int, torch.Tens
 
         if is_param and (id(tensor) in masters):
             return masters[id(tensor)].detach().cpu()
-        if is_param and tensor.requires_grad:
+        has_master = getattr(tensor, "_z3_optimizer", None) is not None or hasattr(tensor, "_hp_mapping")
+        if is_param and tensor.requires_grad and has_master:  # not so for an engine without optimizer
             value = safe_get_full_fp32_param(tensor)
             if value is not None:
                 return value.detach().cpu()
