@@ -42,6 +42,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from . import runtime
+
 log = logging.getLogger("zeroloop")
 
 WEIGHTS_NAME = "model.safetensors"
@@ -205,7 +207,7 @@ def save_final_weights(engine, path: str | os.PathLike, *, dtype: str | torch.dt
     module = getattr(engine, "module", engine)
     entries, ties, fetchers = _live_entries(engine, module)
     shards = plan_shards(entries, out_dtype, shard_bytes)
-    if _rank() != 0:
+    if getattr(engine, "global_rank", runtime.rank()) != 0:
         for entry in entries:
             fetchers[entry.name]()  # collective: rank 0 makes the same calls in the same order
         return None
@@ -224,7 +226,7 @@ def save_final_weights(engine, path: str | os.PathLike, *, dtype: str | torch.dt
     return ConsolidateResult(output_dir=os.fspath(path), files=files,
                              total_size=sum(s.nbytes for s in shards),
                              num_tensors=len(entries), ties=dict(ties), stage=_zero_stage(engine),
-                             world_size=_world_size(), tag="")
+                             world_size=getattr(engine, "world_size", runtime.world_size()), tag="")
 
 
 # --- arguments ------------------------------------------------------------------------------
@@ -905,18 +907,6 @@ def _stage0_masters(engine) -> dict[int, torch.Tensor]:
             masters[id(p)] = flat.narrow(0, offset, p.numel()).view(p.shape)
             offset += p.numel()
     return masters
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _zero_stage(engine) -> int:
