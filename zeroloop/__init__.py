@@ -7,6 +7,7 @@
 __version__ = "0.1.0"
 
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
+from .consolidate import consolidate  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
 from .memory import plan  # noqa: E402
 from .precision import HealthPolicy, NumericalHealthError  # noqa: E402
@@ -21,6 +22,7 @@ __all__ = [
     "TrainSummary",
     "TrainerLoop",
     "__version__",
+    "consolidate",
     "init_distributed",
     "plan",
     "resolve_config",

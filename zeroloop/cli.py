@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_command(commands)
     add_plan_command(commands)
+    add_consolidate_command(commands)
     return parser
 
 
@@ -138,6 +139,40 @@ def name_flags(problem: str) -> str:
     """``"seq_len, layers: ..."`` -> ``"--seq-len, --layers: ..."``."""
     names, _, rest = problem.partition(":")
     return ", ".join(PLAN_FLAGS.get(name, name) for name in names.split(", ")) + ":" + rest
+
+
+def add_consolidate_command(commands) -> None:
+    p = commands.add_parser("consolidate", help="write a DeepSpeed checkpoint's weights as safetensors",
+                            description="Consolidate a DeepSpeed checkpoint (ZeRO stage 0-3, any world size) "
+                                        "into Hugging Face-layout safetensors: model.safetensors, or shards "
+                                        "plus model.safetensors.index.json. Streams: memory stays flat.")
+    p.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR",
+                   help="the folder given to engine.save_checkpoint (or a tag folder inside it)")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="where the safetensors files go")
+    p.add_argument("--tag", default=None, help="the tag to read (default: the one in 'latest')")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of the floating-point weights (default %(default)s)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB or 500MB "
+                                                           "(default %(default)s)")
+    p.add_argument("--exclude-frozen", action="store_true", help="leave out parameters that were not trained")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_consolidate)
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    from .consolidate import CheckpointError, consolidate
+
+    try:
+        result = consolidate(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
+                             max_shard_size=args.max_shard_size, exclude_frozen=args.exclude_frozen,
+                             progress=not args.no_progress)
+    except CheckpointError as e:
+        print(f"zeroloop consolidate: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"output_dir": result.output_dir, "files": result.files, "total_size": result.total_size,
+                      "tensors": result.num_tensors, "ties": result.ties, "stage": result.stage,
+                      "world_size": result.world_size, "tag": result.tag}), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
