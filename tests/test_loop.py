@@ -300,3 +300,26 @@ def test_own_shm_buffer_only_under_the_deepspeed_launcher(monkeypatch):
     assert runtime.own_shm_buffer() is None
     monkeypatch.setenv("LOCAL_SIZE", "2")
     assert runtime.own_shm_buffer() == f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29512_1"
+
+
+def test_memory_preflight_warns_before_initialize(tmp_path, monkeypatch, caplog):
+    import zeroloop.memory
+
+    calls, real_preflight = [], zeroloop.memory.preflight
+
+    def tiny_memory(model, ds_config, world_size, device_memory=None):
+        calls.append((ds_config["zero_optimization"]["stage"], world_size))
+        return real_preflight(model, ds_config, world_size, device_memory=1000)  # a 1 kB device
+
+    monkeypatch.setattr(zeroloop.memory, "preflight", tiny_memory)
+    import logging
+
+    logger = logging.getLogger("zeroloop")
+    logger.addHandler(caplog.handler)
+    try:
+        train_one_rank(make_model(), train_data=RegressionData(), output_dir=tmp_path / "on")
+        train_one_rank(make_model(), train_data=RegressionData(), output_dir=tmp_path / "off", preflight=False)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert calls == [(0, 1)]  # once, for the first run only
+    assert "memory pre-flight" in caplog.text and "per device" in caplog.text

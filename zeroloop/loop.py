@@ -131,6 +131,9 @@ class TrainerLoop:
         eval_every: optimizer steps between evaluations (None: only at the end).
         health: what to do about fp16 overflows and non-finite losses (see
             :class:`~zeroloop.precision.HealthPolicy`).
+        preflight: before ``deepspeed.initialize``, plan the memory of this model and config
+            (:func:`zeroloop.memory.preflight`) and warn on rank 0 when it will not fit the
+            memory this process can see, naming the option that would.
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -155,6 +158,7 @@ class TrainerLoop:
         log: LogSettings | None = None,
         eval_every: int | None = None,
         health: HealthPolicy | None = None,
+        preflight: bool = True,
     ):
         self.model = model
         self.config = config
@@ -171,6 +175,7 @@ class TrainerLoop:
         self.log = log or LogSettings()
         self.eval_every = eval_every
         self.health = health or HealthPolicy()
+        self.preflight = preflight
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
@@ -351,6 +356,7 @@ class TrainerLoop:
         self._prepare_process()
         self.ds_config = self._resolve_config()
         self._write_resolved_config()
+        self._check_memory()
         self.engine = self._build_engine()
         self._after_engine_init()
         self._build_health_checks()
@@ -434,6 +440,15 @@ class TrainerLoop:
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "ds_config.resolved.json"), "w", encoding="utf-8") as f:
             json.dump(self.ds_config, f, indent=2, sort_keys=True)
+
+    def _check_memory(self) -> None:
+        if not self.preflight or self.rank != 0:
+            return
+        from .memory import preflight
+
+        warning = preflight(self.model, self.ds_config, self.world_size)
+        if warning:
+            log.warning(warning)
 
     def _build_engine(self):
         import deepspeed
