@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import runtime
+from .checkpoint import Checkpointer, CheckpointSettings
 from .config import ConfigError, Hyperparameters, batch_sizes, load_config, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
 from .metrics import MetricsLog, ProgressBar
@@ -124,6 +125,8 @@ class TrainerLoop:
         hparams: values for the config's ``"auto"`` keys (micro-batch, lr, precision...).
         log: progress bar and metrics settings.
         eval_every: optimizer steps between evaluations (None: only at the end).
+        checkpoint: when to save checkpoints and what to resume from (None: no
+            checkpoints); see :mod:`zeroloop.checkpoint`.
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -147,6 +150,7 @@ class TrainerLoop:
         hparams: Hyperparameters | None = None,
         log: LogSettings | None = None,
         eval_every: int | None = None,
+        checkpoint: CheckpointSettings | None = None,
     ):
         self.model = model
         self.config = config
@@ -162,6 +166,8 @@ class TrainerLoop:
         self.hparams = hparams or Hyperparameters()
         self.log = log or LogSettings()
         self.eval_every = eval_every
+        self.checkpoint = checkpoint
+        self.checkpointer = Checkpointer(self, checkpoint) if checkpoint is not None else None
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
@@ -226,6 +232,8 @@ class TrainerLoop:
     def train(self) -> TrainSummary:
         """Run the training loop to ``max_steps`` (or ``epochs``) and return the summary."""
         engine = self.setup()
+        if self.checkpointer is not None:
+            self.checkpointer.install_signal_handlers()
         self.on_train_start()
         bar = ProgressBar(self.total_steps, initial=self.global_step,
                           enabled=self.rank == 0 and self.log.progress_bar)
@@ -257,12 +265,16 @@ class TrainerLoop:
                 self.on_step_end(self.global_step, metrics)
                 if self.eval_every and self.global_step % self.eval_every == 0:
                     summary.eval_loss = self.evaluate()["eval_loss"]
+                if self.checkpointer is not None and self.checkpointer.step_end():
+                    break  # stop requested (SIGTERM/SIGINT): saved, leave cleanly
                 if self.total_steps is not None and self.global_step >= self.total_steps:
                     break
             if window.micro_steps:  # a tail since the last logged step
                 summary.final_loss = self._reduce_window(window, summary)["loss"]
         finally:
             bar.close()
+            if self.checkpointer is not None:
+                self.checkpointer.remove_signal_handlers()
 
         summary.steps, summary.epochs = self.global_step, self.epoch
         summary.wall_time_s = time.perf_counter() - started
@@ -271,6 +283,8 @@ class TrainerLoop:
             summary.tokens_per_sec = summary.tokens / summary.wall_time_s
         if self.eval_loader is not None and not (self.eval_every and self.global_step % self.eval_every == 0):
             summary.eval_loss = self.evaluate()["eval_loss"]
+        if self.checkpointer is not None:
+            self.checkpointer.finish()
         self.on_train_end(summary)
         self._finish()
         return summary
@@ -330,6 +344,8 @@ class TrainerLoop:
         self.eval_loader = self._build_eval_loader()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
                                        enabled=self.rank == 0)
+        if self.checkpointer is not None:
+            self.checkpointer.resume()
         return self.engine
 
     def _check_args(self) -> None:
@@ -444,7 +460,9 @@ class TrainerLoop:
         while self.epochs is None or self.epoch < self.epochs:
             set_epoch(self.train_loader, self.epoch)
             yielded = False
-            for batch in self.train_loader:
+            batches = self.train_loader if self.checkpointer is None else \
+                self.checkpointer.epoch_batches(self.train_loader)  # counts and skips for resuming
+            for batch in batches:
                 yielded = True
                 yield batch
             if not yielded:
