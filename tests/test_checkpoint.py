@@ -11,7 +11,9 @@ import signal
 
 import numpy as np
 import pytest
-from helpers import RegressionData, make_model
+import torch
+from helpers import MLPRegressor, RegressionData, make_model
+from torch import nn
 
 from zeroloop import LogSettings, TrainerLoop
 from zeroloop.checkpoint import (LATEST, MANIFEST, CheckpointError, CheckpointSettings, check_compatible,
@@ -31,6 +33,19 @@ def resume_config(stage: int) -> dict:
                            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 3,
                                       "total_num_steps": "auto"}}
     return config
+
+
+class DropoutRegressor(MLPRegressor):
+    """Draws from the torch RNG every micro-step: resuming must restore each rank's RNG state."""
+
+    def __init__(self):
+        super().__init__()
+        self.net.insert(2, nn.Dropout(0.25))
+
+
+def make_dropout_model(seed: int = 0) -> DropoutRegressor:
+    torch.manual_seed(seed)
+    return DropoutRegressor()
 
 
 class RecordingLoop(TrainerLoop):
@@ -53,7 +68,7 @@ class RecordingLoop(TrainerLoop):
 
 
 def train_once(stage, output_dir, checkpoint=None, **loop_kwargs):
-    loop = RecordingLoop(make_model(0), resume_config(stage), train_data=RegressionData(64),
+    loop = RecordingLoop(make_dropout_model(0), resume_config(stage), train_data=RegressionData(64),
                          output_dir=output_dir, max_steps=STEPS, seed=3,
                          log=LogSettings(every=1, progress_bar=False), checkpoint=checkpoint, **loop_kwargs)
     summary = loop.train()
