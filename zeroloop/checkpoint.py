@@ -386,6 +386,7 @@ class Checkpointer:
             raise CheckpointError(f"DeepSpeed found no model states in {tag_dir}")
         with open(os.path.join(tag_dir, rank_file(self.loop.rank)), encoding="utf-8") as f:
             set_rng_state(json.load(f)["rng"])
+        replay_cpu_adam_bias_corrections(engine)
         self.loop.global_step = manifest["global_step"]
         self.loop.epoch = manifest["epoch"]
         self._skip_batches = manifest["batches_in_epoch"]
@@ -644,6 +645,44 @@ class Checkpointer:
         self._stop_requested = True
         log.warning("%s received: saving a checkpoint at the next optimizer step, then stopping "
                     "(send it again to abort at once)", signal.Signals(signum).name)
+
+
+def replay_cpu_adam_bias_corrections(engine) -> int:
+    """Rebuild the bias-correction state DeepSpeed's CPU ``FusedAdam`` keeps outside its checkpoint.
+
+    On the CPU, DeepSpeed's ``FusedAdam`` keeps beta1**t and beta2**t in C++ state that lives
+    as long as the process: it multiplies them by beta once per step, but after a jump in the
+    step count (a resume in a new process) recomputes them with ``pow``, which differs from
+    the running product in the last bits; every resumed update is then 1 ulp off. Replaying
+    steps 1..t on empty tensors rebuilds the same running product, so resumed updates are
+    bit-identical to an uninterrupted run's. (The CUDA kernel computes them from the step
+    on every call and needs nothing.)
+
+    Args:
+        engine: a DeepSpeed engine whose optimizer state was just loaded.
+
+    Returns:
+        The steps replayed: 0 unless the optimizer is DeepSpeed's FusedAdam on a CPU.
+    """
+    from deepspeed.ops.adam import FusedAdam
+    from deepspeed.ops.adam.fused_adam import multi_tensor_applier
+
+    optimizer = engine.optimizer
+    while optimizer is not None and not isinstance(optimizer, FusedAdam):
+        optimizer = getattr(optimizer, "optimizer", None)  # ZeRO wraps the torch optimizer
+    if optimizer is None or engine.device.type != "cpu" or not optimizer.param_groups:
+        return 0
+    steps = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
+    if not steps:
+        return 0
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    empty = [[torch.empty(0, dtype=torch.float32)] for _ in range(4)]  # grads, params, exp_avg, exp_avg_sq
+    for step in range(1, max(steps) + 1):
+        multi_tensor_applier(optimizer.multi_tensor_adam, optimizer._dummy_overflow_buf, empty, group["lr"],
+                             beta1, beta2, group["eps"], step, optimizer.adam_w_mode,
+                             1 if group["bias_correction"] else 0, group["weight_decay"])
+    return max(steps)
 
 
 def _len_or_none(loader: Any) -> int | None:
