@@ -16,8 +16,8 @@ from helpers import MLPRegressor, RegressionData, make_model
 from torch import nn
 
 from zeroloop import LogSettings, TrainerLoop
-from zeroloop.checkpoint import (LATEST, MANIFEST, CheckpointError, CheckpointSettings, check_compatible,
-                                 find_checkpoint, list_checkpoints, rank_file, read_manifest)
+from zeroloop.checkpoint import (LATEST, MANIFEST, CheckpointError, Checkpointer, CheckpointSettings,
+                                 check_compatible, find_checkpoint, list_checkpoints, rank_file, read_manifest)
 from zeroloop.data import ResumableDistributedSampler
 from zeroloop.testing import RankFailure, full_parameters, run_ranks, tiny_config
 
@@ -277,3 +277,19 @@ def test_sampler_skips_only_the_next_pass():
     sampler.skip_next_pass(4)
     assert list(sampler) == full[4:]
     assert list(sampler) == full
+
+
+def test_first_signal_asks_to_stop_and_second_aborts(tmp_path):
+    checkpointer = Checkpointer(TrainerLoop(make_model(0), tiny_config(), train_data=RegressionData(8),
+                                            output_dir=tmp_path, max_steps=1), CheckpointSettings())
+    previous = signal.getsignal(signal.SIGINT)
+    checkpointer.install_signal_handlers()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert checkpointer._stop_requested
+        with pytest.raises(KeyboardInterrupt):  # the handler before ours: python's default for SIGINT
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is previous
+    finally:
+        checkpointer.remove_signal_handlers()
+        signal.signal(signal.SIGINT, previous)
