@@ -6,11 +6,14 @@
 
 __version__ = "0.1.0"
 
+from .checkpoint import CheckpointError, CheckpointSettings  # noqa: E402
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
 from .runtime import seed_everything  # noqa: E402
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointSettings",
     "ConfigError",
     "Hyperparameters",
     "LogSettings",

@@ -50,6 +50,8 @@ MANIFEST = "zeroloop_manifest.json"
 LATEST = "latest"  # DeepSpeed's name: load_checkpoint(tag=None) reads it too
 TMP_SUFFIX = ".tmp"  # a tag folder still being written; never loaded
 DELETING_SUFFIX = ".deleting"  # an old checkpoint on its way out; never loaded
+REQUIRED_KEYS = ("files", "global_step", "epoch", "batches_in_epoch", "world_size", "zero_stage",
+                 "micro_batch_size", "gradient_accumulation_steps", "total_steps", "sampler_seed")
 
 
 class CheckpointError(RuntimeError):
@@ -199,6 +201,10 @@ def read_manifest(tag_dir: str) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest (format "
                               f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{manifest_path}: the manifest lacks {', '.join(missing)}; this checkpoint is "
+                              "damaged, resume from another one")
     for name, size in manifest["files"].items():
         path = os.path.join(tag_dir, name)
         if not os.path.isfile(path):
