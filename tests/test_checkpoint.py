@@ -202,6 +202,17 @@ def test_killed_save_leaves_latest_at_previous_checkpoint(interrupted_run):
         find_checkpoint(str(folder / "global_step4.tmp"), str(folder))
 
 
+@pytest.mark.multirank
+def test_deepspeed_zero_to_fp32_reads_the_layout(interrupted_run):
+    # DeepSpeed's own tool follows `latest` into the tag folder zeroloop published.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(interrupted_run))
+    expected = make_model(0).state_dict()
+    assert {name: value.shape for name, value in state.items()} == \
+        {name: value.shape for name, value in expected.items()}
+
+
 @pytest.fixture
 def damaged(interrupted_run, tmp_path):
     """A copy of the interrupted run's checkpoint folder, free to break."""
