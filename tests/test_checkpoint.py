@@ -138,7 +138,13 @@ def sigterm_ranks(rank, root):
 
 
 def restarted_ranks(rank, root):
-    return train_once(1, os.path.join(root, "run"), CheckpointSettings(every=None))
+    import deepspeed
+
+    deepspeed.init_distributed()
+    resumed = train_once(1, os.path.join(root, "run"), CheckpointSettings(every=None))
+    # Resumed at max_steps: nothing left to train, and no new checkpoint.
+    finished = train_once(1, os.path.join(root, "run"), CheckpointSettings(every=None))
+    return resumed, finished
 
 
 @pytest.mark.multirank
@@ -149,14 +155,17 @@ def test_sigterm_saves_and_stops_cleanly_then_resumes_exactly(tmp_path):
     # in memory (DeepSpeed's CPU Adam keeps some in C++).
     results = run_ranks(sigterm_ranks, 2, str(tmp_path))
     restarted = run_ranks(restarted_ranks, 2, str(tmp_path))
-    for result, resumed in zip(results, restarted):
+    for result, (resumed, finished) in zip(results, restarted):
         assert result["handler_restored"]
+        assert finished["steps"] == STEPS and finished["losses"] == []
+        for name, value in resumed["weights"].items():
+            assert np.array_equal(value, finished["weights"][name]), name
         straight, stopped = result["straight"], result["stopped"]
         assert stopped["steps"] == SIGNAL_AT and resumed["steps"] == STEPS
         assert stopped["losses"] + resumed["losses"] == straight["losses"]
         for name, value in straight["weights"].items():
             assert np.array_equal(value, resumed["weights"][name]), name
-    assert list_checkpoints(str(tmp_path / "run" / "checkpoints"))[0][0] == SIGNAL_AT
+    assert [step for step, _ in list_checkpoints(str(tmp_path / "run" / "checkpoints"))] == [SIGNAL_AT, STEPS]
 
 
 def killed_save_ranks(rank, root):
