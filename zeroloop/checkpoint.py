@@ -390,8 +390,13 @@ class Checkpointer:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}: {type(e).__name__}: {e}") from e
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no model states in {tag_dir}")
-        with open(os.path.join(tag_dir, rank_file(self.loop.rank)), encoding="utf-8") as f:
-            set_rng_state(json.load(f)["rng"])
+        path = os.path.join(tag_dir, rank_file(self.loop.rank))
+        with open(path, encoding="utf-8") as f:
+            rank_state = json.load(f)
+        if rank_state.get("global_step") != manifest["global_step"]:
+            raise CheckpointError(f"{path} is from step {rank_state.get('global_step')}, the manifest from step "
+                                  f"{manifest['global_step']}; this checkpoint is damaged, resume from another one")
+        set_rng_state(rank_state["rng"])
         replay_cpu_adam_bias_corrections(engine)
         self.loop.global_step = manifest["global_step"]
         self.loop.epoch = manifest["epoch"]
@@ -588,7 +593,7 @@ class Checkpointer:
                              zero_stage=int(engine.zero_optimization_stage()),
                              micro_batch_size=engine.train_micro_batch_size_per_gpu())
             return "ok", tag_dir, manifest
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:  # every rank raises it, none waits forever
             return "error", str(e), None
 
     def _remove_leftovers(self) -> None:
