@@ -6,6 +6,7 @@
 
 __version__ = "0.1.0"
 
+from .checkpoint import CheckpointError, CheckpointSettings  # noqa: E402
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
 from .consolidate import consolidate  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
@@ -14,6 +15,8 @@ from .precision import HealthPolicy, NumericalHealthError  # noqa: E402
 from .runtime import init_distributed, seed_everything, teardown  # noqa: E402
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointSettings",
     "ConfigError",
     "HealthPolicy",
     "Hyperparameters",

@@ -14,6 +14,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
+class ResumableDistributedSampler(DistributedSampler):
+    """A ``DistributedSampler`` whose next pass can start part-way through the epoch.
+
+    Resuming mid-epoch must continue with the next unseen sample. The order of an epoch
+    depends only on (seed, epoch), so dropping the first indices of the re-shuffled order
+    reproduces the rest of the epoch without loading the skipped samples.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._skip_next = 0  # samples of this rank to drop from the next pass only
+
+    def skip_next_pass(self, samples: int) -> None:
+        """Drop the first ``samples`` indices (this rank's) of the next pass only.
+
+        Raises:
+            ValueError: ``samples`` is negative.
+        """
+        if samples < 0:
+            raise ValueError(f"samples: must be >= 0, got {samples}")
+        self._skip_next = samples
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self._skip_next = self._skip_next, 0
+        return iter(indices[skip:])
+
+
 def is_map_dataset(data: Any) -> bool:
     return isinstance(data, Dataset) and hasattr(data, "__len__") and not isinstance(data, DataLoader)
 
@@ -37,7 +65,7 @@ def build_loader(data: Any, *, micro_batch_size: int, rank: int, world_size: int
         TypeError: ``data`` is not iterable.
     """
     if is_map_dataset(data):
-        sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=train,
+        sampler = ResumableDistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=train,
                                      seed=seed, drop_last=train)
         return DataLoader(data, batch_size=micro_batch_size, sampler=sampler, drop_last=train)
     if isinstance(data, Iterable):

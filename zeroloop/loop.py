@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import runtime
+from .checkpoint import Checkpointer, CheckpointSettings
 from .config import ConfigError, Hyperparameters, batch_sizes, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
 from .metrics import MetricsLog, ProgressBar
@@ -134,6 +135,8 @@ class TrainerLoop:
         preflight: before ``deepspeed.initialize``, plan the memory of this model and config
             (:func:`zeroloop.memory.preflight`) and warn on rank 0 when it will not fit the
             memory this process can see, naming the option that would.
+        checkpoint: when to save checkpoints and what to resume from (None: no
+            checkpoints); see :mod:`zeroloop.checkpoint`.
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -159,6 +162,7 @@ class TrainerLoop:
         eval_every: int | None = None,
         health: HealthPolicy | None = None,
         preflight: bool = True,
+        checkpoint: CheckpointSettings | None = None,
     ):
         self.model = model
         self.config = config
@@ -176,6 +180,8 @@ class TrainerLoop:
         self.eval_every = eval_every
         self.health = health or HealthPolicy()
         self.preflight = preflight
+        self.checkpoint = checkpoint
+        self.checkpointer = Checkpointer(self, checkpoint) if checkpoint is not None else None
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
@@ -243,6 +249,8 @@ class TrainerLoop:
     def train(self) -> TrainSummary:
         """Run the training loop to ``max_steps`` (or ``epochs``) and return the summary."""
         engine = self.setup()
+        if self.checkpointer is not None:
+            self.checkpointer.install_signal_handlers()
         self.on_train_start()
         bar = ProgressBar(self.total_steps, initial=self.global_step,
                           enabled=self.rank == 0 and self.log.progress_bar)
@@ -282,6 +290,8 @@ class TrainerLoop:
                 self.on_step_end(self.global_step, metrics)
                 if self.eval_every and self.global_step % self.eval_every == 0:
                     summary.eval_loss = self.evaluate()["eval_loss"]
+                if self.checkpointer is not None and self.checkpointer.step_end():
+                    break  # stop requested (SIGTERM/SIGINT): saved, leave cleanly
                 if self.total_steps is not None and self.global_step >= self.total_steps:
                     break
             if window.micro_steps:  # a tail since the last logged step
@@ -291,6 +301,8 @@ class TrainerLoop:
             raise
         finally:
             bar.close()
+            if self.checkpointer is not None:
+                self.checkpointer.remove_signal_handlers()
 
         self._close_finished_epoch()
         summary.steps, summary.epochs = self.global_step, self.epoch
@@ -302,6 +314,8 @@ class TrainerLoop:
             summary.tokens_per_sec = summary.tokens / summary.wall_time_s
         if self.eval_loader is not None and not (self.eval_every and self.global_step % self.eval_every == 0):
             summary.eval_loss = self.evaluate()["eval_loss"]
+        if self.checkpointer is not None:
+            self.checkpointer.finish()
         self.on_train_end(summary)
         self._finish()
         return summary
@@ -363,6 +377,8 @@ class TrainerLoop:
         self.eval_loader = self._build_eval_loader()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
                                        enabled=self.rank == 0)
+        if self.checkpointer is not None:
+            self.checkpointer.resume()
         return self.engine
 
     def _check_args(self) -> None:
@@ -488,7 +504,10 @@ class TrainerLoop:
         """Micro-batches across epochs; the sampler is reshuffled at each epoch start."""
         while self.epochs is None or self.epoch < self.epochs:
             set_epoch(self.train_loader, self.epoch)
-            for batch in self.train_loader:
+            # After a resume, the checkpointer skips what the saved run consumed of this epoch.
+            batches = self.train_loader if self.checkpointer is None else \
+                self.checkpointer.epoch_batches(self.train_loader)
+            for batch in batches:
                 self.batches_in_epoch += 1
                 yield batch
             if self.batches_in_epoch == 0:

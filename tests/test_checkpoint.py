@@ -1,0 +1,315 @@
+"""Checkpoints: exact resume on 2 ranks for ZeRO 0-3, atomic saves, keep-K, preemption, bad paths.
+
+Every multi-rank test runs its loops inside one ``run_ranks`` launch (one process group,
+started first so the loops reuse it) to keep the number of launches small.
+"""
+
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from helpers import MLPRegressor, RegressionData, make_model
+from torch import nn
+
+from zeroloop import LogSettings, TrainerLoop
+from zeroloop.checkpoint import (LATEST, MANIFEST, CheckpointError, Checkpointer, CheckpointSettings,
+                                 check_compatible, find_checkpoint, list_checkpoints, rank_file, read_manifest)
+from zeroloop.data import ResumableDistributedSampler
+from zeroloop.testing import RankFailure, full_parameters, run_ranks, tiny_config
+
+# 64 samples / (2 ranks x micro-batch 2) = 16 micro-batches per epoch = 8 optimizer steps at
+# gradient accumulation 2: stopping at step 5 is mid-epoch 0, step 10 is in epoch 1.
+STEPS = 10
+STOP_AT = 5
+# After a resume at step 5, DeepSpeed's CPU Adam would recompute beta2**6 with pow(), which
+# differs in the last bit from the running product of an uninterrupted run (at 3 it does not).
+SIGNAL_AT = 5
+
+
+def resume_config(stage: int) -> dict:
+    config = tiny_config(stage=stage, micro=2, ga=2, lr=1e-2)
+    config["scheduler"] = {"type": "WarmupDecayLR",
+                           "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 3,
+                                      "total_num_steps": "auto"}}
+    return config
+
+
+class DropoutRegressor(MLPRegressor):
+    """Draws from the torch RNG every micro-step: resuming must restore each rank's RNG state."""
+
+    def __init__(self):
+        super().__init__()
+        self.net.insert(2, nn.Dropout(0.25))
+
+
+def make_dropout_model(seed: int = 0) -> DropoutRegressor:
+    torch.manual_seed(seed)
+    return DropoutRegressor()
+
+
+class RecordingLoop(TrainerLoop):
+    """Asks to stop after ``stop_at`` steps (as a preemption would, or with a real SIGTERM
+    when ``signal_at`` is given) and keeps the final full weights."""
+
+    def __init__(self, *args, stop_at=None, signal_at=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop_at, self.signal_at = stop_at, signal_at
+        self.final_weights = None
+
+    def on_step_end(self, step, metrics):
+        if step == self.stop_at:
+            self.checkpointer.request_stop()
+        if step == self.signal_at and self.rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_end(self, summary):
+        self.final_weights = full_parameters(self.engine)  # collective under ZeRO-3: every rank
+
+
+def train_once(stage, output_dir, checkpoint=None, **loop_kwargs):
+    loop = RecordingLoop(make_dropout_model(0), resume_config(stage), train_data=RegressionData(64),
+                         output_dir=output_dir, max_steps=STEPS, seed=3,
+                         log=LogSettings(every=1, progress_bar=False), checkpoint=checkpoint, **loop_kwargs)
+    summary = loop.train()
+    return {"losses": [record["loss"] for record in summary.history], "steps": summary.steps,
+            # numpy, not tensors: torch would pass tensors to the parent through shared memory
+            "weights": {name: value.numpy() for name, value in loop.final_weights.items()}}
+
+
+def exact_resume_ranks(rank, stage, root):
+    import deepspeed
+
+    deepspeed.init_distributed()  # one process group for the three loops
+    settings = CheckpointSettings(every=2, keep=2)
+    run_dir = os.path.join(root, "run")
+    straight = train_once(stage, os.path.join(root, "straight"))
+    stopped = train_once(stage, run_dir, settings, stop_at=STOP_AT)
+    tags_after_stop = checkpoint_entries(os.path.join(run_dir, "checkpoints"))
+    resumed = train_once(stage, run_dir, settings)
+    return {"straight": straight, "stopped": stopped, "resumed": resumed, "tags_after_stop": tags_after_stop}
+
+
+def checkpoint_entries(folder):
+    """Tag folders and ``latest`` (DeepSpeed also copies its zero_to_*.py scripts there)."""
+    return sorted(name for name in os.listdir(folder) if not name.endswith(".py"))
+
+
+def assert_exact_resume(result):
+    straight, stopped, resumed = result["straight"], result["stopped"], result["resumed"]
+    assert stopped["steps"] == STOP_AT and resumed["steps"] == STEPS
+    assert len(resumed["losses"]) == STEPS - STOP_AT  # max_steps counts the steps before the resume
+    assert stopped["losses"] + resumed["losses"] == straight["losses"]
+    assert straight["weights"].keys() == resumed["weights"].keys()
+    for name, value in straight["weights"].items():
+        assert np.array_equal(value, resumed["weights"][name]), name
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_exact_resume_mid_epoch(stage, tmp_path):
+    results = run_ranks(exact_resume_ranks, 2, stage, str(tmp_path))
+    for result in results:
+        assert_exact_resume(result)
+    # keep=2: saved at 2, 4 and (stop) 5; then, resumed from 5, at 6, 8, 10. The newest two
+    # are kept, and the one resumed from is never deleted.
+    assert results[0]["tags_after_stop"] == ["global_step4", "global_step5", LATEST]
+    folder = tmp_path / "run" / "checkpoints"
+    assert checkpoint_entries(folder) == ["global_step10", "global_step5", "global_step8", LATEST]
+    assert (folder / LATEST).read_text() == "global_step10"
+    manifest = read_manifest(str(folder / "global_step5"))
+    assert (manifest["global_step"], manifest["epoch"], manifest["batches_in_epoch"]) == (STOP_AT, 0, 2 * STOP_AT)
+    assert (manifest["world_size"], manifest["zero_stage"]) == (2, stage)
+    assert manifest["lr_scheduler"] == {"last_batch_iteration": STOP_AT - 1}
+
+
+def sigterm_ranks(rank, root):
+    import deepspeed
+
+    deepspeed.init_distributed()
+    straight = train_once(1, os.path.join(root, "straight"))
+    run_dir = os.path.join(root, "run")
+    signalled = train_once(1, run_dir, CheckpointSettings(every=None), signal_at=SIGNAL_AT)
+    handler_after = signal.getsignal(signal.SIGTERM)
+    return {"straight": straight, "stopped": signalled, "handler_restored": handler_after == signal.SIG_DFL}
+
+
+def restarted_ranks(rank, root):
+    import deepspeed
+
+    deepspeed.init_distributed()
+    resumed = train_once(1, os.path.join(root, "run"), CheckpointSettings(every=None))
+    # Resumed at max_steps: nothing left to train, and no new checkpoint.
+    finished = train_once(1, os.path.join(root, "run"), CheckpointSettings(every=None))
+    return resumed, finished
+
+
+@pytest.mark.multirank
+def test_sigterm_saves_and_stops_cleanly_then_resumes_exactly(tmp_path):
+    # SIGTERM on rank 1 after step 5: both ranks agree at that step boundary, save and
+    # return normally (run_ranks only returns results of ranks that exited 0). The resume
+    # runs in new processes, as after a real restart: no state of the first run survives
+    # in memory (DeepSpeed's CPU Adam keeps some in C++).
+    results = run_ranks(sigterm_ranks, 2, str(tmp_path))
+    restarted = run_ranks(restarted_ranks, 2, str(tmp_path))
+    for result, (resumed, finished) in zip(results, restarted):
+        assert result["handler_restored"]
+        assert finished["steps"] == STEPS and finished["losses"] == []
+        for name, value in resumed["weights"].items():
+            assert np.array_equal(value, finished["weights"][name]), name
+        straight, stopped = result["straight"], result["stopped"]
+        assert stopped["steps"] == SIGNAL_AT and resumed["steps"] == STEPS
+        assert stopped["losses"] + resumed["losses"] == straight["losses"]
+        for name, value in straight["weights"].items():
+            assert np.array_equal(value, resumed["weights"][name]), name
+    assert [step for step, _ in list_checkpoints(str(tmp_path / "run" / "checkpoints"))] == [SIGNAL_AT, STEPS]
+
+
+def killed_save_ranks(rank, root):
+    """Saves at steps 2 and 4; rank 1 dies inside the step-4 save, after DeepSpeed wrote
+    its files (so the temporary folder looks nearly complete)."""
+    loop = TrainerLoop(make_model(0), resume_config(2), train_data=RegressionData(64), output_dir=root,
+                       max_steps=STEPS, seed=3, log=LogSettings(progress_bar=False),
+                       checkpoint=CheckpointSettings(every=2, keep=5))
+    loop.setup()
+    if rank == 1:
+        save_checkpoint = loop.engine.save_checkpoint
+
+        def save_then_die(save_dir, tag, **kwargs):
+            save_checkpoint(save_dir, tag, **kwargs)
+            if tag.startswith("global_step4"):
+                os._exit(3)
+
+        loop.engine.save_checkpoint = save_then_die
+    loop.train()
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A checkpoint folder where the step-4 save was killed on rank 1 (one 2-rank launch)."""
+    root = tmp_path_factory.mktemp("interrupted")
+    with pytest.raises(RankFailure):
+        run_ranks(killed_save_ranks, 2, str(root), timeout=120)
+    return root / "checkpoints"
+
+
+@pytest.mark.multirank
+def test_killed_save_leaves_latest_at_previous_checkpoint(interrupted_run):
+    folder = interrupted_run
+    assert (folder / LATEST).read_text() == "global_step2"
+    assert not (folder / "global_step4").exists()
+    assert (folder / "global_step4.tmp").is_dir()  # what the crash left; never loadable
+    assert not (folder / "global_step4.tmp" / MANIFEST).exists()
+    assert find_checkpoint("latest", str(folder)) == str(folder / "global_step2")
+    manifest = read_manifest(str(folder / "global_step2"))
+    assert set(manifest["rank_files"]) == {rank_file(0), rank_file(1)}
+    assert all(name in manifest["files"] for name in manifest["rank_files"])
+    with pytest.raises(CheckpointError, match=f"{MANIFEST} is missing"):
+        find_checkpoint(str(folder / "global_step4.tmp"), str(folder))
+
+
+@pytest.mark.multirank
+def test_deepspeed_zero_to_fp32_reads_the_layout(interrupted_run):
+    # DeepSpeed's own tool follows `latest` into the tag folder zeroloop published.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(interrupted_run))
+    expected = make_model(0).state_dict()
+    assert {name: value.shape for name, value in state.items()} == \
+        {name: value.shape for name, value in expected.items()}
+
+
+@pytest.fixture
+def damaged(interrupted_run, tmp_path):
+    """A copy of the interrupted run's checkpoint folder, free to break."""
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(interrupted_run / "global_step2", folder / "global_step2")
+    shutil.copytree(interrupted_run / "global_step2", folder / "global_step1")
+    manifest = json.loads((folder / "global_step1" / MANIFEST).read_text())
+    manifest["global_step"] = 1
+    (folder / "global_step1" / MANIFEST).write_text(json.dumps(manifest))
+    (folder / LATEST).write_text("global_step2")
+    return folder
+
+
+@pytest.mark.multirank
+def test_truncated_file_is_named_and_latest_falls_back(damaged, caplog):
+    model_file = damaged / "global_step2" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is 100 bytes"):
+        find_checkpoint(str(damaged / "global_step2"), str(damaged))
+    with caplog.at_level("WARNING", logger="zeroloop"):
+        assert find_checkpoint("latest", str(damaged)) == str(damaged / "global_step1")
+    assert "newest complete checkpoint" in caplog.text
+
+
+@pytest.mark.multirank
+def test_missing_rank_file_is_named(damaged):
+    os.remove(damaged / "global_step2" / rank_file(1))
+    with pytest.raises(CheckpointError, match=rf"{rank_file(1)} is missing"):
+        find_checkpoint(str(damaged / "global_step2"), str(damaged))
+
+
+@pytest.mark.multirank
+def test_latest_naming_a_missing_tag(damaged):
+    (damaged / LATEST).write_text("global_step9")
+    assert find_checkpoint("latest", str(damaged)) == str(damaged / "global_step2")
+    shutil.rmtree(damaged / "global_step1")
+    shutil.rmtree(damaged / "global_step2")
+    with pytest.raises(CheckpointError, match="names 'global_step9'.*does not exist"):
+        find_checkpoint("latest", str(damaged))
+
+
+@pytest.mark.multirank
+def test_world_size_and_stage_changes_are_explained(damaged):
+    tag_dir = str(damaged / "global_step2")
+    manifest = read_manifest(tag_dir)
+    check_compatible(manifest, tag_dir, world_size=2, zero_stage=2, micro_batch_size=2)
+    with pytest.raises(CheckpointError, match="world size 2, this run has 4 ranks.*ds_to_universal"):
+        check_compatible(manifest, tag_dir, world_size=4, zero_stage=2, micro_batch_size=2)
+    with pytest.raises(CheckpointError, match=f"{MANIFEST}: saved with ZeRO stage 2.*stage=3"):
+        check_compatible(manifest, tag_dir, world_size=2, zero_stage=3, micro_batch_size=2)
+
+
+def test_resume_path_that_does_not_exist(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file or folder.*resume=None"):
+        find_checkpoint(str(tmp_path / "nope"), str(tmp_path))
+
+
+def test_resume_latest_in_an_empty_folder_starts_fresh(tmp_path):
+    assert find_checkpoint("latest", str(tmp_path / "checkpoints")) is None
+    assert find_checkpoint(None, str(tmp_path)) is None
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="keep: must be an integer >= 1"):
+        CheckpointSettings(keep=0)
+    with pytest.raises(ValueError, match="every: must be a positive"):
+        CheckpointSettings(every=0)
+
+
+def test_sampler_skips_only_the_next_pass():
+    sampler = ResumableDistributedSampler(list(range(20)), num_replicas=2, rank=1, shuffle=True, seed=5)
+    full = list(sampler)
+    sampler.skip_next_pass(4)
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full
+
+
+def test_first_signal_asks_to_stop_and_second_aborts(tmp_path):
+    checkpointer = Checkpointer(TrainerLoop(make_model(0), tiny_config(), train_data=RegressionData(8),
+                                            output_dir=tmp_path, max_steps=1), CheckpointSettings())
+    previous = signal.getsignal(signal.SIGINT)
+    checkpointer.install_signal_handlers()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert checkpointer._stop_requested
+        with pytest.raises(KeyboardInterrupt):  # the handler before ours: python's default for SIGINT
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is previous
+    finally:
+        checkpointer.remove_signal_handlers()
+        signal.signal(signal.SIGINT, previous)

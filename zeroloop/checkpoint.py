@@ -1,0 +1,727 @@
+"""Checkpoints that resume exactly, survive crashes and preemption, and are never half-visible.
+
+The layout on disk stays DeepSpeed's, so its own tools (``zero_to_fp32.py`` included)
+work on it::
+
+    <output_dir>/checkpoints/
+        latest                         the tag of the newest complete checkpoint
+        global_step8/                  one tag folder per checkpoint
+            mp_rank_00_model_states.pt ...   DeepSpeed's files (pickles)
+            zeroloop_rank_00000.json   this rank's RNG states (JSON)
+            zeroloop_manifest.json     written last: loop position, config, versions, file sizes
+
+How a save stays atomic: every rank writes under a temporary tag (``global_step8.tmp``),
+all ranks fsync their files and meet at a barrier, then rank 0 writes the manifest,
+renames the folder into place and replaces ``latest`` through a temporary file and
+``os.replace``, with an fsync of each directory it changed. A crash at any moment leaves
+``latest`` naming the previous complete checkpoint; a folder without a manifest (or whose
+files do not match the sizes the manifest lists) is never loaded.
+
+zeroloop's own state is JSON, readable without unpickling. DeepSpeed's ``*.pt`` files are
+pickles: load checkpoints only from sources you trust. zeroloop itself unpickles nothing;
+only DeepSpeed's ``load_checkpoint`` does, after the manifest has been checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .data import ResumableDistributedSampler, batches_per_epoch
+
+if TYPE_CHECKING:
+    from .loop import TrainerLoop
+
+log = logging.getLogger("zeroloop")
+
+FORMAT = "zeroloop-checkpoint/1"
+MANIFEST = "zeroloop_manifest.json"
+LATEST = "latest"  # DeepSpeed's name: load_checkpoint(tag=None) reads it too
+TMP_SUFFIX = ".tmp"  # a tag folder still being written; never loaded
+DELETING_SUFFIX = ".deleting"  # an old checkpoint on its way out; never loaded
+REQUIRED_KEYS = ("files", "global_step", "epoch", "batches_in_epoch", "world_size", "zero_stage",
+                 "micro_batch_size", "gradient_accumulation_steps", "total_steps", "sampler_seed")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be saved or resumed from; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """When to save, how many to keep and what to resume from.
+
+    Attributes:
+        every: optimizer steps between checkpoints (None: only the final one and on
+            preemption).
+        keep: the newest complete checkpoints to keep (>= 1). The checkpoint being written
+            and the one this run resumed from are never deleted.
+        resume: ``"latest"`` (the newest complete checkpoint in ``folder``, or a fresh start
+            when there is none), a path (a tag folder, or a folder holding ``latest``) that
+            must exist, or None (always start fresh).
+        final: save a checkpoint when training ends.
+        folder: where checkpoints go; relative paths are under the loop's ``output_dir``.
+        handle_signals: on SIGTERM/SIGINT, save at the next optimizer step and stop
+            cleanly; a second signal aborts at once.
+        final_weights: when training ends, also write the model as Hugging Face-layout
+            safetensors to ``output_dir/final/`` (gathered under ZeRO-3), so that most runs
+            never need ``zeroloop consolidate``.
+    """
+
+    every: int | None = None
+    keep: int = 3
+    resume: str | os.PathLike | None = "latest"
+    final: bool = True
+    folder: str | os.PathLike = "checkpoints"
+    handle_signals: bool = True
+    final_weights: bool = True
+
+    def __post_init__(self):
+        problems = []
+        if self.every is not None and (not isinstance(self.every, int) or isinstance(self.every, bool)
+                                       or self.every < 1):
+            problems.append(f"every: must be a positive number of optimizer steps or None, got {self.every!r}")
+        if not isinstance(self.keep, int) or isinstance(self.keep, bool) or self.keep < 1:
+            problems.append(f"keep: must be an integer >= 1 (checkpoints to keep), got {self.keep!r}")
+        if problems:
+            from .config import ConfigError
+
+            raise ConfigError(problems, subject="CheckpointSettings")
+
+
+# --- files: fsync, JSON, latest ---------------------------------------------------------------
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file's or a directory's data and metadata to disk (fsync is per inode, so
+    any process may flush a file another one wrote)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_durably(path: str, data: Any) -> None:
+    """Write JSON through a temporary file and ``os.replace``, fsyncing file and folder, so
+    that ``path`` holds either its old content or the whole new one."""
+    tmp = f"{path}{TMP_SUFFIX}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def replace_latest(folder: str, tag: str) -> None:
+    """Point ``folder/latest`` at ``tag`` atomically (temporary file, fsync, os.replace)."""
+    path = os.path.join(folder, LATEST)
+    tmp = f"{path}{TMP_SUFFIX}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(folder)
+
+
+def rank_file(rank: int) -> str:
+    return f"zeroloop_rank_{rank:05d}.json"
+
+
+# --- RNG states as JSON --------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy and torch (CPU and current CUDA device) RNG states, as JSON."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode("ascii")
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]))
+
+
+def _bytes_tensor(encoded: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8).clone()
+
+
+# --- finding and checking checkpoints (pure file-system functions, no DeepSpeed) ------------------
+
+
+def read_manifest(tag_dir: str) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, after checking every file it lists.
+
+    Args:
+        tag_dir: a checkpoint's tag folder.
+
+    Returns:
+        The manifest (see :meth:`Checkpointer._manifest` for its keys).
+
+    Raises:
+        CheckpointError: the folder or its manifest is missing (an interrupted save, or a
+            checkpoint not written by zeroloop), the manifest is not valid JSON, or a file it
+            lists is missing or has another size (deleted or truncated).
+    """
+    manifest_path = os.path.join(tag_dir, MANIFEST)
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"checkpoint folder {tag_dir} does not exist")
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{tag_dir} is not a complete zeroloop checkpoint: {MANIFEST} is missing "
+                              "(its save was interrupted, or it was not written by zeroloop)")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e}); this checkpoint is damaged, "
+                              "resume from another one") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest (format "
+                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{manifest_path}: the manifest lacks {', '.join(missing)}; this checkpoint is "
+                              "damaged, resume from another one")
+    for name, size in manifest["files"].items():
+        path = os.path.join(tag_dir, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing (the manifest lists it); this checkpoint is damaged, "
+                                  "resume from another one")
+        actual = os.path.getsize(path)
+        if actual != size:
+            raise CheckpointError(f"{path} is {actual} bytes, the manifest says {size} (truncated or "
+                                  "overwritten); this checkpoint is damaged, resume from another one")
+    return manifest
+
+
+def list_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """``(global_step, tag folder)`` of every complete checkpoint in ``folder``, oldest first.
+
+    Folders that fail :func:`read_manifest` are left out (with a debug log line).
+    """
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not os.path.isdir(path) or name.endswith((TMP_SUFFIX, DELETING_SUFFIX)):
+            continue
+        try:
+            found.append((int(read_manifest(path)["global_step"]), path))
+        except CheckpointError as e:
+            log.debug("not a complete checkpoint: %s", e)
+    return sorted(found)
+
+
+def find_checkpoint(resume: str | os.PathLike | None, folder: str) -> str | None:
+    """The tag folder to resume from, or None to start fresh.
+
+    Args:
+        resume: ``"latest"``, a path (a tag folder, or a folder holding ``latest``), or None.
+        folder: the run's checkpoint folder (used by ``"latest"``).
+
+    Returns:
+        A tag folder whose manifest and files check out, or None (``resume`` is None, or
+        ``"latest"`` and ``folder`` holds no checkpoint at all).
+
+    Raises:
+        CheckpointError: a ``resume`` path that does not exist or is incomplete; a
+            ``latest`` whose checkpoint is damaged when no other complete one exists.
+    """
+    if resume is None:
+        return None
+    if os.fspath(resume) == "latest":
+        return _newest_complete(folder, explicit=False)
+    path = os.path.abspath(os.fspath(resume))
+    if not os.path.exists(path):
+        raise CheckpointError(f"resume={os.fspath(resume)!r}: no such file or folder; pass the tag folder of a "
+                              f"checkpoint (e.g. {os.path.join(folder, 'global_step100')}), resume=\"latest\" for "
+                              "the newest one in the run's checkpoint folder, or resume=None to start fresh")
+    if os.path.isfile(os.path.join(path, LATEST)) and not os.path.isfile(os.path.join(path, MANIFEST)):
+        return _newest_complete(path, explicit=True)
+    read_manifest(path)
+    return path
+
+
+def _newest_complete(folder: str, explicit: bool) -> str | None:
+    """What ``latest`` names when complete; otherwise the newest complete checkpoint, with a warning."""
+    latest_path = os.path.join(folder, LATEST)
+    complete = list_checkpoints(folder)
+    if not os.path.isfile(latest_path):
+        if complete:
+            log.warning("%s is missing; resuming from the newest complete checkpoint, %s", latest_path,
+                        complete[-1][1])
+            return complete[-1][1]
+        if explicit:
+            raise CheckpointError(f"{folder} holds no complete checkpoint")
+        return None
+    with open(latest_path, encoding="utf-8") as f:
+        tag = f.read().strip()
+    try:
+        return _checked(os.path.join(folder, tag), latest_path)
+    except CheckpointError as problem:
+        if not complete:
+            raise CheckpointError(f"{latest_path} names {tag!r}, which cannot be resumed from: {problem}. "
+                                  f"No other complete checkpoint is in {folder}; pass resume=None to start "
+                                  "fresh") from None
+        log.warning("%s names %r, which cannot be resumed from (%s); resuming from the newest complete "
+                    "checkpoint, %s", latest_path, tag, problem, complete[-1][1])
+        return complete[-1][1]
+
+
+def _checked(tag_dir: str, named_by: str) -> str:
+    if not tag_dir or not os.path.isdir(tag_dir):
+        raise CheckpointError(f"the tag folder {tag_dir} named by {named_by} does not exist")
+    read_manifest(tag_dir)
+    return tag_dir
+
+
+def check_compatible(manifest: dict[str, Any], tag_dir: str, *, world_size: int, zero_stage: int,
+                     micro_batch_size: int) -> None:
+    """Refuse a checkpoint this run cannot continue exactly.
+
+    Raises:
+        CheckpointError: the world size, ZeRO stage or micro-batch size differs from the
+            saved one; the message says what changed and what to do.
+    """
+    where = os.path.join(tag_dir, MANIFEST)
+    universal = ("DeepSpeed's per-rank ZeRO files only load into the same layout: run with the saved "
+                 "setting, or convert the checkpoint to a universal one (python -m "
+                 "deepspeed.checkpoint.ds_to_universal --input_folder {tag} --output_folder {tag}_universal) "
+                 "and load it with DeepSpeed's \"checkpoint\": {{\"load_universal\": true}}, which zeroloop "
+                 "does not resume from yet").format(tag=tag_dir)
+    if manifest["world_size"] != world_size:
+        raise CheckpointError(f"{where}: saved with world size {manifest['world_size']}, this run has "
+                              f"{world_size} ranks. {universal}")
+    if manifest["zero_stage"] != zero_stage:
+        raise CheckpointError(f"{where}: saved with ZeRO stage {manifest['zero_stage']}, this run's config "
+                              f"has zero_optimization.stage={zero_stage}. {universal}")
+    if manifest["micro_batch_size"] != micro_batch_size:
+        raise CheckpointError(f"{where}: saved with train_micro_batch_size_per_gpu="
+                              f"{manifest['micro_batch_size']}, this run uses {micro_batch_size}; the data "
+                              "position cannot be mapped: resume with the saved micro-batch size")
+
+
+# --- the manager -------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves, prunes and resumes the checkpoints of one :class:`~zeroloop.loop.TrainerLoop`.
+
+    The loop calls :meth:`resume` at the end of ``setup()``, :meth:`epoch_batches` for each
+    epoch's batches, :meth:`step_end` after every optimizer step and :meth:`finish` at the
+    end. :meth:`save` and :meth:`request_stop` are for users. Every method that touches
+    files is collective: call it on every rank.
+
+    Args:
+        loop: the loop whose state is saved.
+        settings: when to save, how many to keep, what to resume from.
+    """
+
+    def __init__(self, loop: TrainerLoop, settings: CheckpointSettings):
+        self.loop = loop
+        self.settings = settings
+        self.resumed_from: str | None = None
+        self.last_saved_step: int | None = None
+        self._skip_batches = 0  # micro-batches to skip at the start of the next epoch pass
+        self._stop_requested = False
+        self._previous_handlers: dict[int, Any] = {}
+
+    @property
+    def folder(self) -> str:
+        return os.path.join(self.loop.output_dir, os.fspath(self.settings.folder))
+
+    # --- what users call ----------------------------------------------------------------------
+
+    def save(self, tag: str | None = None) -> str:
+        """Save a checkpoint of the loop's current state, atomically. Collective.
+
+        Args:
+            tag: the tag folder's name; default ``global_step{N}``.
+
+        Returns:
+            The tag folder, complete and named by ``latest`` when this returns.
+        """
+        tag = tag or f"global_step{self.loop.global_step}"
+        path = self._save(tag)
+        self.last_saved_step = self.loop.global_step
+        log.info("checkpoint saved: %s", path)
+        return path
+
+    def request_stop(self) -> None:
+        """Save and stop at the next optimizer step (what SIGTERM does); may be called on one rank."""
+        self._stop_requested = True
+
+    def load(self, tag_dir: str, manifest: dict[str, Any]) -> None:
+        """Restore the engine (DeepSpeed), this rank's RNG states and the loop's position.
+
+        Raises:
+            CheckpointError: DeepSpeed could not load the folder.
+        """
+        engine = self.loop.engine
+        folder, tag = os.path.split(os.path.abspath(tag_dir))
+        try:
+            load_path, _ = engine.load_checkpoint(folder, tag=tag)
+        except Exception as e:  # noqa: BLE001 - reported with the folder and the fix
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}: {type(e).__name__}: {e}") from e
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed found no model states in {tag_dir}")
+        path = os.path.join(tag_dir, rank_file(self.loop.rank))
+        with open(path, encoding="utf-8") as f:
+            rank_state = json.load(f)
+        if rank_state.get("global_step") != manifest["global_step"]:
+            raise CheckpointError(f"{path} is from step {rank_state.get('global_step')}, the manifest from step "
+                                  f"{manifest['global_step']}; this checkpoint is damaged, resume from another one")
+        set_rng_state(rank_state["rng"])
+        replay_cpu_adam_bias_corrections(engine)
+        self.loop.global_step = manifest["global_step"]
+        self.loop.epoch = manifest["epoch"]
+        self._skip_batches = manifest["batches_in_epoch"]
+        self.resumed_from = os.path.abspath(tag_dir)
+        self.last_saved_step = manifest["global_step"]
+
+    # --- what the loop calls -----------------------------------------------------------------
+
+    def resume(self) -> str | None:
+        """Resume per ``settings.resume``: rank 0 picks and checks the checkpoint, every rank
+        loads it. Collective.
+
+        Returns:
+            The tag folder resumed from, or None for a fresh start.
+
+        Raises:
+            CheckpointError: the checkpoint is missing, damaged or incompatible (on every rank).
+        """
+        import deepspeed.comm as dist
+
+        choice: list[Any] = [None]
+        if self.loop.rank == 0:
+            choice[0] = self._choose()
+        dist.broadcast_object_list(choice, src=0)
+        status, tag_dir, manifest = choice[0]
+        if status == "error":
+            raise CheckpointError(tag_dir)
+        if tag_dir is None:
+            return None
+        self.load(tag_dir, manifest)
+        self._warn_on_changes(manifest)
+        log.info("resumed from %s at step %d (epoch %d, %d micro-batches into it)", tag_dir,
+                 manifest["global_step"], manifest["epoch"], manifest["batches_in_epoch"])
+        return tag_dir
+
+    def epoch_batches(self, loader: Iterable) -> Iterator[Any]:
+        """One pass over ``loader``; right after a resume, without the micro-batches the
+        saved run had consumed in this epoch (the loop counts the rest)."""
+        skip, self._skip_batches = self._skip_batches, 0
+        self.loop.batches_in_epoch = skip  # the loop counts on from here
+        if self.loop.total_steps is not None and self.loop.global_step >= self.loop.total_steps:
+            return  # resumed at the end: nothing left to train
+        batches = self._skipping_iterator(loader, skip) if skip else iter(loader)
+        yield from batches
+
+    def step_end(self) -> bool:
+        """After an optimizer step: agree on a stop request, save when due or stopping. Collective.
+
+        Returns:
+            True when training must stop (a checkpoint has been saved).
+        """
+        stop = self._agree_on_stop()
+        every = self.settings.every
+        if stop or (every and self.loop.global_step % every == 0):
+            path = self.save()
+            if stop:
+                log.warning("stop requested (signal or request_stop): saved %s at step %d; stopping. "
+                            "Resume with CheckpointSettings(resume=\"latest\")", path, self.loop.global_step)
+        return stop
+
+    def finish(self) -> None:
+        """The final checkpoint (unless turned off or this step is already saved) and the
+        final safetensors weights (unless turned off). Collective."""
+        if self.settings.final and self.last_saved_step != self.loop.global_step:
+            self.save()
+        if self.settings.final_weights:
+            from .consolidate import save_final_weights
+
+            loop = self.loop
+            save_final_weights(loop.engine, os.path.join(loop.output_dir, "final"),
+                               progress=loop.rank == 0 and loop.log.progress_bar)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT ask for a save and a clean stop; a second one aborts at once."""
+        if not self.settings.handle_signals:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                log.warning("not in the main thread: SIGTERM/SIGINT will not save a checkpoint")
+                return
+
+    def remove_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def _save(self, tag: str) -> str:
+        """Write under ``<tag>.tmp``, fsync, barrier, then rank 0 publishes (manifest, rename,
+        ``latest``) and prunes."""
+        import deepspeed.comm as dist
+
+        loop, engine = self.loop, self.loop.engine
+        rng = rng_state()  # before anything below could draw from a generator
+        manifest = self._manifest(tag)
+        tmp_tag = f"{tag}{TMP_SUFFIX}"
+        tmp_dir = os.path.join(self.folder, tmp_tag)
+        if loop.rank == 0:
+            os.makedirs(self.folder, exist_ok=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash inside an earlier save
+        dist.barrier()
+        engine.save_checkpoint(self.folder, tag=tmp_tag, client_state={}, save_latest=False)
+        with open(os.path.join(tmp_dir, rank_file(loop.rank)), "w", encoding="utf-8") as f:
+            json.dump({"rank": loop.rank, "global_step": loop.global_step, "rng": rng}, f)
+        dist.barrier()  # every rank's files exist
+        self._fsync_share(tmp_dir)
+        dist.barrier()  # every rank's files are on disk
+        if loop.rank == 0:
+            self._publish(tmp_dir, tag, manifest)
+            self._prune(keep_also=os.path.join(self.folder, tag))
+        dist.barrier()  # nobody returns before the checkpoint is visible
+        return os.path.join(self.folder, tag)
+
+    def _fsync_share(self, tmp_dir: str) -> None:
+        """This rank's share of fsyncing every file in the folder (fsync works on any file)."""
+        names = sorted(os.listdir(tmp_dir))
+        for name in names[self.loop.rank::self.loop.world_size]:
+            fsync_path(os.path.join(tmp_dir, name))
+
+    def _publish(self, tmp_dir: str, tag: str, manifest: dict[str, Any]) -> None:
+        """Rank 0: manifest last, rename into place, then ``latest``; each step durable."""
+        manifest["files"] = {name: os.path.getsize(os.path.join(tmp_dir, name))
+                             for name in sorted(os.listdir(tmp_dir))}
+        write_json_durably(os.path.join(tmp_dir, MANIFEST), manifest)
+        final_dir = os.path.join(self.folder, tag)
+        if os.path.exists(final_dir):  # the same step saved before (e.g. after resuming an older one)
+            self._delete(final_dir)
+        os.rename(tmp_dir, final_dir)
+        fsync_path(self.folder)
+        replace_latest(self.folder, tag)
+
+    def _manifest(self, tag: str) -> dict[str, Any]:
+        """zeroloop's JSON state of this checkpoint (``files`` is added when publishing)."""
+        import deepspeed
+
+        from . import __version__
+
+        loop, engine = self.loop, self.loop.engine
+        batches_in_epoch, epoch = loop.batches_in_epoch, loop.epoch
+        per_epoch = batches_per_epoch(loop.train_loader)
+        if per_epoch is not None and batches_in_epoch >= per_epoch:
+            epoch, batches_in_epoch = epoch + 1, 0  # the epoch is done: resume at the next one
+        return {
+            "format": FORMAT,
+            "tag": tag,
+            "global_step": loop.global_step,
+            "epoch": epoch,
+            "batches_in_epoch": batches_in_epoch,
+            "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+            "total_steps": loop.total_steps,
+            "sampler_seed": loop.seed,
+            "world_size": loop.world_size,
+            "zero_stage": int(engine.zero_optimization_stage()),
+            "lr_scheduler": _json_or_none(engine.lr_scheduler.state_dict() if engine.lr_scheduler else None),
+            "loss_scale": _loss_scale(engine),
+            "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+            "ds_config": _json_or_none(loop.ds_config),
+            "versions": {"zeroloop": __version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__},
+            "rank_files": [rank_file(r) for r in range(loop.world_size)],
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def _prune(self, keep_also: str) -> None:
+        """Rank 0: delete complete checkpoints beyond the newest ``keep``; never ``keep_also``
+        (the one just written) nor the one this run resumed from."""
+        protected = {os.path.abspath(keep_also), self.resumed_from}
+        complete = [path for _, path in list_checkpoints(self.folder)]
+        for path in complete[:-self.settings.keep]:
+            if os.path.abspath(path) not in protected:
+                self._delete(path)
+
+    def _delete(self, tag_dir: str) -> None:
+        """Make the folder unloadable first (rename it), so a crash mid-delete leaves no
+        checkpoint that looks complete but is not."""
+        doomed = f"{tag_dir}{DELETING_SUFFIX}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(tag_dir, doomed)
+        fsync_path(os.path.dirname(doomed))
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    # --- resuming --------------------------------------------------------------------------------
+
+    def _choose(self) -> tuple[str, str | None, dict | None]:
+        """Rank 0: ``("ok", tag_dir or None, manifest)`` or ``("error", message, None)``."""
+        self._remove_leftovers()
+        try:
+            tag_dir = find_checkpoint(self.settings.resume, self.folder)
+            if tag_dir is None:
+                log.info("no checkpoint to resume from in %s: starting fresh", self.folder)
+                return "ok", None, None
+            manifest = read_manifest(tag_dir)
+            engine = self.loop.engine
+            check_compatible(manifest, tag_dir, world_size=self.loop.world_size,
+                             zero_stage=int(engine.zero_optimization_stage()),
+                             micro_batch_size=engine.train_micro_batch_size_per_gpu())
+            return "ok", tag_dir, manifest
+        except (CheckpointError, OSError) as e:  # every rank raises it, none waits forever
+            return "error", str(e), None
+
+    def _remove_leftovers(self) -> None:
+        """Rank 0: temporary and half-deleted folders of crashed runs (never loadable)."""
+        if not os.path.isdir(self.folder):
+            return
+        for name in os.listdir(self.folder):
+            path = os.path.join(self.folder, name)
+            if os.path.isdir(path) and name.endswith((TMP_SUFFIX, DELETING_SUFFIX)):
+                log.info("removing %s, left by an interrupted save or delete", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _warn_on_changes(self, manifest: dict[str, Any]) -> None:
+        """Settings that let training go on but make it differ from an uninterrupted run."""
+        engine = self.loop.engine
+        changes = []
+        if manifest["sampler_seed"] != self.loop.seed:
+            changes.append(f"seed {manifest['sampler_seed']} -> {self.loop.seed} (data order changes)")
+        if manifest["gradient_accumulation_steps"] != engine.gradient_accumulation_steps():
+            changes.append(f"gradient_accumulation_steps {manifest['gradient_accumulation_steps']} -> "
+                           f"{engine.gradient_accumulation_steps()}")
+        if manifest["total_steps"] != self.loop.total_steps:
+            changes.append(f"total steps {manifest['total_steps']} -> {self.loop.total_steps} (an \"auto\" "
+                           "scheduler length changes the LR schedule)")
+        if changes and self.loop.rank == 0:
+            log.warning("resuming with changed settings, training will differ from an uninterrupted run: %s",
+                        "; ".join(changes))
+
+    def _skipping_iterator(self, loader: Iterable, skip: int) -> Iterator[Any]:
+        """An iterator over ``loader`` past its first ``skip`` micro-batches, made without
+        drawing from the global torch RNG (the saved state already reflects that draw)."""
+        torch_state = torch.get_rng_state()
+        sampler = getattr(loader, "sampler", None)
+        batch_size = getattr(loader, "batch_size", None)
+        if isinstance(sampler, ResumableDistributedSampler) and isinstance(batch_size, int):
+            sampler.skip_next_pass(skip * batch_size)  # no sample of the skipped batches is loaded
+            batches = iter(loader)
+        else:
+            log.warning("train_data's sampler cannot skip: reading and discarding %d micro-batches to "
+                        "reach the resume position", skip)
+            batches = iter(loader)
+            for _ in range(skip):
+                next(batches, None)
+        torch.set_rng_state(torch_state)
+        return batches
+
+    def _agree_on_stop(self) -> bool:
+        """True on every rank when any rank was asked to stop (one small all-reduce)."""
+        import deepspeed.comm as dist
+
+        flag = torch.tensor([1 if self._stop_requested else 0], dtype=torch.int32, device=self.loop.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:  # the second signal: abort at once
+            self.remove_signal_handlers()
+            signal.raise_signal(signum)
+            return
+        self._stop_requested = True
+        log.warning("%s received: saving a checkpoint at the next optimizer step, then stopping "
+                    "(send it again to abort at once)", signal.Signals(signum).name)
+
+
+def replay_cpu_adam_bias_corrections(engine) -> int:
+    """Rebuild the bias-correction state DeepSpeed's CPU ``FusedAdam`` keeps outside its checkpoint.
+
+    On the CPU, DeepSpeed's ``FusedAdam`` keeps beta1**t and beta2**t in C++ state that lives
+    as long as the process: it multiplies them by beta once per step, but after a jump in the
+    step count (a resume in a new process) recomputes them with ``pow``, which differs from
+    the running product in the last bits; every resumed update is then 1 ulp off. Replaying
+    steps 1..t on empty tensors rebuilds the same running product, so resumed updates are
+    bit-identical to an uninterrupted run's. (The CUDA kernel computes them from the step
+    on every call and needs nothing.)
+
+    Args:
+        engine: a DeepSpeed engine whose optimizer state was just loaded.
+
+    Returns:
+        The steps replayed: 0 unless the optimizer is DeepSpeed's FusedAdam on a CPU.
+    """
+    from deepspeed.ops.adam import FusedAdam
+    from deepspeed.ops.adam.fused_adam import multi_tensor_applier
+
+    optimizer = engine.optimizer
+    while optimizer is not None and not isinstance(optimizer, FusedAdam):
+        optimizer = getattr(optimizer, "optimizer", None)  # ZeRO wraps the torch optimizer
+    if optimizer is None or engine.device.type != "cpu" or not optimizer.param_groups:
+        return 0
+    steps = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
+    if not steps:
+        return 0
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    empty = [[torch.empty(0, dtype=torch.float32)] for _ in range(4)]  # grads, params, exp_avg, exp_avg_sq
+    for step in range(1, max(steps) + 1):
+        multi_tensor_applier(optimizer.multi_tensor_adam, optimizer._dummy_overflow_buf, empty, group["lr"],
+                             beta1, beta2, group["eps"], step, optimizer.adam_w_mode,
+                             1 if group["bias_correction"] else 0, group["weight_decay"])
+    return max(steps)
+
+
+def _json_or_none(value: Any) -> Any:
+    """``value`` when JSON can hold it, else None (the manifest must stay plain JSON)."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _loss_scale(engine) -> float | None:
+    """The fp16 loss scale (DeepSpeed saves the scaler with its optimizer state)."""
+    scale = getattr(engine.optimizer, "cur_scale", None)
+    if scale is None:
+        scale = getattr(getattr(engine.optimizer, "loss_scaler", None), "cur_scale", None)
+    try:
+        return None if scale is None else float(scale)
+    except (TypeError, ValueError):
+        return None
+
+
+__all__ = ["CheckpointError", "CheckpointSettings", "Checkpointer", "check_compatible", "find_checkpoint",
+           "list_checkpoints", "read_manifest"]
