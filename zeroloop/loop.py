@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import runtime
+from .activation import apply as apply_activation_checkpointing
 from .config import ConfigError, Hyperparameters, batch_sizes, load_config, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
 from .metrics import MetricsLog, ProgressBar
@@ -124,6 +125,9 @@ class TrainerLoop:
         hparams: values for the config's ``"auto"`` keys (micro-batch, lr, precision...).
         log: progress bar and metrics settings.
         eval_every: optimizer steps between evaluations (None: only at the end).
+        activation_checkpointing: an :class:`~zeroloop.activation.ActivationCheckpointing`
+            choosing the modules to checkpoint and the backend; applied in :meth:`setup`,
+            before ``deepspeed.initialize`` (None: no checkpointing).
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -147,6 +151,7 @@ class TrainerLoop:
         hparams: Hyperparameters | None = None,
         log: LogSettings | None = None,
         eval_every: int | None = None,
+        activation_checkpointing: Any = None,
     ):
         self.model = model
         self.config = config
@@ -162,6 +167,8 @@ class TrainerLoop:
         self.hparams = hparams or Hyperparameters()
         self.log = log or LogSettings()
         self.eval_every = eval_every
+        self.activation_checkpointing = activation_checkpointing
+        self.checkpoint_handle = None  # activation.CheckpointHandle, once setup() applied it
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
@@ -333,6 +340,9 @@ class TrainerLoop:
         self._prepare_process()
         self.ds_config = self._resolve_config()
         self._write_resolved_config()
+        if self.activation_checkpointing is not None:
+            self.checkpoint_handle = apply_activation_checkpointing(self.model, self.activation_checkpointing,
+                                                                    self.ds_config)
         self.engine = self._build_engine()
         self._after_engine_init()
         self.eval_loader = self._build_eval_loader()

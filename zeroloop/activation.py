@@ -1,0 +1,406 @@
+"""Activation checkpointing that trains the same model under every ZeRO stage.
+
+Pick what to checkpoint with a small policy object, how with a backend, and hand one
+:class:`ActivationCheckpointing` to ``TrainerLoop(activation_checkpointing=...)``; the loop
+calls :func:`apply` before ``deepspeed.initialize``. Used alone::
+
+    handle = apply(model, ActivationCheckpointing(ModuleClasses("Block"), every=2), ds_config)
+    ...  # train
+    handle.remove()  # every wrapped forward is the original again
+
+Backends:
+    ``"torch"``: ``torch.utils.checkpoint`` with ``use_reentrant=False`` and the RNG state
+        preserved, so dropout recomputes the same mask. The default.
+    ``"deepspeed"``: ``deepspeed.checkpointing.checkpoint``, configured from the config's
+        ``activation_checkpointing`` section (partitioned / CPU / contiguous activations).
+        It is *reentrant*: a block none of whose inputs requires grad would get no gradient
+        at all, so floating inputs are given a grad-requiring alias, and a block with only
+        integer inputs and trainable parameters is refused with an error naming it.
+    ``"hf"``: a Hugging Face model's own ``gradient_checkpointing_enable``; the model picks
+        its layers (no policy, ``every=1``).
+    ``"auto"``: ``"hf"`` for a Hugging Face model without a policy, else ``"deepspeed"`` when
+        the config has an ``activation_checkpointing`` section, else ``"torch"``.
+
+Frozen parameters under ZeRO-3: both ``"torch"`` and ``"deepspeed"`` train them correctly
+with DeepSpeed 0.19.8 (its coordinator keeps frozen parameters gathered through a
+recompute; DeepSpeed #8148). See docs/activation-checkpointing.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+BACKENDS = ("auto", "torch", "deepspeed", "hf")
+DS_SECTION = "activation_checkpointing"  # the DeepSpeed config section of the "deepspeed" backend
+
+
+# --- policies: which modules to checkpoint -------------------------------------------------
+
+
+class CheckpointPolicy(ABC):
+    """Chooses modules to checkpoint from ``model.named_modules()``.
+
+    A module inside an already chosen one is skipped (checkpointing both would recompute
+    the inner one twice), and the model itself is never chosen.
+    """
+
+    @abstractmethod
+    def selects(self, name: str, module: nn.Module) -> bool:
+        """Whether to checkpoint ``module``, found at ``name`` in ``named_modules()``."""
+
+
+@dataclass(frozen=True)
+class ModuleClasses(CheckpointPolicy):
+    """Modules of the given classes: types (subclasses count) or class names.
+
+    A name matches the class's ``__name__`` or its ``module.QualName``, e.g. ``"Block"``
+    or ``"zeroloop.gpt.Block"``.
+    """
+
+    classes: tuple[type | str, ...]
+
+    def __init__(self, *classes: type | str):
+        if not classes:
+            raise ValueError("ModuleClasses: give at least one class or class name, e.g. ModuleClasses(Block)")
+        for cls in classes:
+            if not isinstance(cls, (type, str)):
+                raise TypeError(f"ModuleClasses: {cls!r} is neither a class nor a class name")
+        object.__setattr__(self, "classes", tuple(classes))
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        cls = type(module)
+        names = {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}
+        return any(isinstance(module, c) if isinstance(c, type) else c in names for c in self.classes)
+
+
+@dataclass(frozen=True)
+class NamePattern(CheckpointPolicy):
+    """Modules whose ``named_modules()`` name fully matches a regular expression,
+    e.g. ``r"blocks\\.\\d+"`` or ``r"model\\.layers\\.\\d+"``."""
+
+    pattern: str
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"NamePattern: {self.pattern!r} is not a regular expression ({e})") from None
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        return re.fullmatch(self.pattern, name) is not None
+
+
+@dataclass(frozen=True)
+class Predicate(CheckpointPolicy):
+    """Modules for which ``fn(name, module)`` is true."""
+
+    fn: Callable[[str, nn.Module], bool]
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        return bool(self.fn(name, module))
+
+
+@dataclass(frozen=True)
+class RepeatedBlocks(CheckpointPolicy):
+    """The entries of every ``nn.ModuleList``: a transformer's blocks (``model.blocks``,
+    ``model.layers``...). The default policy."""
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        return False  # decided by select_modules, which sees the parents
+
+    @staticmethod
+    def children_of_lists(model: nn.Module) -> set[int]:
+        return {id(child) for m in model.modules() if isinstance(m, nn.ModuleList) for child in m}
+
+
+def as_policy(policy: Any) -> CheckpointPolicy:
+    """A policy from a policy, a class, a class name, or a ``(name, module)`` predicate.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if policy is None:
+        return RepeatedBlocks()
+    if isinstance(policy, CheckpointPolicy):
+        return policy
+    if isinstance(policy, (type, str)):
+        return ModuleClasses(policy)
+    if isinstance(policy, (tuple, list)):
+        return ModuleClasses(*policy)
+    if callable(policy):
+        return Predicate(policy)
+    raise TypeError(f"activation checkpointing policy: expected a CheckpointPolicy, a module class, a class "
+                    f"name or a callable(name, module), got {type(policy).__name__}")
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationCheckpointing:
+    """What to checkpoint and how; ``TrainerLoop(activation_checkpointing=...)`` takes one.
+
+    Attributes:
+        policy: a :class:`CheckpointPolicy`, a module class or class name (or a tuple of
+            them), or a ``callable(name, module) -> bool``. None: the model's repeated
+            blocks (:class:`RepeatedBlocks`), or a Hugging Face model's own choice.
+        backend: ``"auto"``, ``"torch"``, ``"deepspeed"`` or ``"hf"`` (see the module doc).
+        every: checkpoint every k-th selected module (the k-th, 2k-th, ...): fewer
+            recomputes, more memory. 1 checkpoints all of them.
+        preserve_rng_state: restore the RNG state for the recompute so dropout draws the
+            same mask ("torch" and "hf"; DeepSpeed's backend always does).
+    """
+
+    policy: Any = None
+    backend: str = "auto"
+    every: int = 1
+    preserve_rng_state: bool = True
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"activation_checkpointing.backend: must be one of {', '.join(BACKENDS)}, "
+                             f"got {self.backend!r}")
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+            raise ValueError(f"activation_checkpointing.every: must be a positive integer, got {self.every!r}")
+        as_policy(self.policy)  # fail here, not at set-up
+
+
+# --- selection and backend choice -----------------------------------------------------------
+
+
+def select_modules(model: nn.Module, policy: Any = None, every: int = 1) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs to checkpoint, in ``named_modules()`` order.
+
+    Outermost matches only; the model itself never. Of those, every ``every``-th is kept
+    (the ``every``-th, ``2 * every``-th, ...).
+    """
+    policy = as_policy(policy)
+    in_lists = RepeatedBlocks.children_of_lists(model) if isinstance(policy, RepeatedBlocks) else set()
+    chosen: list[tuple[str, nn.Module]] = []
+    inside: set[int] = set()  # ids of modules under a chosen one
+    for name, module in model.named_modules():
+        if module is model or id(module) in inside:
+            continue
+        if id(module) in in_lists or policy.selects(name, module):
+            chosen.append((name, module))
+            inside.update(id(m) for m in module.modules())
+    return [pair for i, pair in enumerate(chosen, start=1) if i % every == 0]
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    return callable(getattr(model, "gradient_checkpointing_enable", None))
+
+
+def choose_backend(model: nn.Module, settings: ActivationCheckpointing,
+                   ds_config: Mapping[str, Any] | None = None) -> str:
+    """The backend ``settings.backend`` means for this model and config.
+
+    Raises:
+        ValueError: ``"hf"`` for a model without ``gradient_checkpointing_enable``, or with
+            a policy or ``every`` (a Hugging Face model picks its own layers).
+    """
+    backend = settings.backend
+    if backend == "auto":
+        if is_hf_model(model) and settings.policy is None and settings.every == 1:
+            backend = "hf"
+        elif ds_config is not None and DS_SECTION in ds_config:
+            backend = "deepspeed"
+        else:
+            backend = "torch"
+    if backend == "hf":
+        if not is_hf_model(model):
+            raise ValueError(f"activation_checkpointing.backend=\"hf\": {type(model).__name__} has no "
+                             "gradient_checkpointing_enable(); use backend=\"torch\" with a policy")
+        if settings.policy is not None or settings.every != 1:
+            raise ValueError("activation_checkpointing.backend=\"hf\": the model chooses its own layers; drop "
+                             "policy/every, or use backend=\"torch\" to choose them")
+    return backend
+
+
+# --- the handle -----------------------------------------------------------------------------
+
+
+class CheckpointHandle:
+    """What :func:`apply` did; :meth:`remove` undoes it (idempotent).
+
+    Attributes:
+        backend: the backend used ("torch", "deepspeed" or "hf").
+        names: the checkpointed modules' names (empty for "hf": the model chose).
+    """
+
+    def __init__(self, backend: str, names: list[str], undo: list[Callable[[], None]]):
+        self.backend = backend
+        self.names = names
+        self._undo = undo
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self) -> CheckpointHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"CheckpointHandle(backend={self.backend!r}, modules={len(self.names)})"
+
+
+def apply(model: nn.Module, settings: ActivationCheckpointing | None = None,
+          ds_config: Mapping[str, Any] | None = None) -> CheckpointHandle:
+    """Checkpoint the modules ``settings`` chooses; call before ``deepspeed.initialize``.
+
+    Args:
+        model: the model (not yet wrapped by DeepSpeed).
+        settings: what and how; None means ``ActivationCheckpointing()``.
+        ds_config: the resolved DeepSpeed config; its ``activation_checkpointing`` section
+            configures the "deepspeed" backend (and makes "auto" choose it).
+
+    Returns:
+        A :class:`CheckpointHandle`; ``handle.remove()`` restores every original forward.
+
+    Raises:
+        ValueError: the policy selects no module, or a bad backend choice (see
+            :func:`choose_backend`).
+    """
+    settings = settings or ActivationCheckpointing()
+    backend = choose_backend(model, settings, ds_config)
+    if backend == "hf":
+        return _apply_hf(model, settings)
+    chosen = select_modules(model, settings.policy, settings.every)
+    if not chosen:
+        raise ValueError(f"activation checkpointing: the policy {as_policy(settings.policy)!r} (every="
+                         f"{settings.every}) selects no module of {type(model).__name__}; check the class "
+                         "names or pattern against model.named_modules()")
+    undo = []
+    if backend == "deepspeed":
+        undo.append(_configure_deepspeed(ds_config, len(chosen)))
+    for name, module in chosen:
+        if backend == "torch":
+            wrapped = _torch_checkpointed(module.forward, settings.preserve_rng_state)
+        else:
+            wrapped = _deepspeed_checkpointed(name, module, module.forward)
+        undo.append(_replace_forward(module, wrapped))
+    return CheckpointHandle(backend, [name for name, _ in chosen], undo)
+
+
+def _replace_forward(module: nn.Module, wrapped: Callable) -> Callable[[], None]:
+    """Set ``module.forward`` on the instance (``nn.Module.__call__`` then still runs its
+    hooks, ZeRO-3's gathering ones included, around the checkpoint); return the undo."""
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = wrapped
+
+    def undo():
+        if had_own:
+            module.forward = previous
+        else:
+            module.__dict__.pop("forward", None)
+
+    return undo
+
+
+# --- backends -------------------------------------------------------------------------------
+
+
+def _torch_checkpointed(forward: Callable, preserve_rng_state: bool) -> Callable:
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(forward)
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation: nothing is saved for a backward
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **kwargs)
+
+    return checkpointed
+
+
+def _deepspeed_checkpointed(name: str, module: nn.Module, forward: Callable) -> Callable:
+    import deepspeed
+
+    @functools.wraps(forward)
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        args, kwargs = inputs_requiring_grad(name, module, args, kwargs)
+        return deepspeed.checkpointing.checkpoint(forward, *args, **kwargs)
+
+    return checkpointed
+
+
+def inputs_requiring_grad(name: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Make a reentrant checkpoint of ``module`` see at least one input that requires grad.
+
+    A reentrant checkpoint is an autograd Function: when none of its tensor inputs requires
+    grad, its output does not either, and backward never reaches the parameters inside
+    (they silently get no gradient). Floating inputs are then replaced by detached aliases
+    that require grad (same storage; the caller's tensors are untouched).
+
+    Raises:
+        RuntimeError: no input requires grad, none is floating, and the module has
+            trainable parameters: it would silently not train.
+    """
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    if any(t.requires_grad for t in tensors):
+        return args, kwargs
+
+    def alias(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.detach().requires_grad_()
+        return value
+
+    if any(t.is_floating_point() for t in tensors):
+        return tuple(alias(a) for a in args), {k: alias(v) for k, v in kwargs.items()}
+    if any(p.requires_grad for p in module.parameters()):
+        raise RuntimeError(
+            f"activation checkpointing of {name!r} ({type(module).__name__}) with the reentrant \"deepspeed\" "
+            "backend: none of its inputs is a floating tensor, so none can require grad and its parameters "
+            "would get no gradient. Checkpoint a module whose input is a floating tensor (e.g. after the "
+            "embedding), or use backend=\"torch\"")
+    return args, kwargs
+
+
+def _configure_deepspeed(ds_config: Mapping[str, Any] | None, num_modules: int) -> Callable[[], None]:
+    """Configure ``deepspeed.checkpointing`` from the config's section; return the undo.
+
+    Contiguous memory needs the number of checkpoints up front (DeepSpeed asserts it);
+    when the section leaves ``number_checkpoints`` out, the number of checkpointed
+    modules is passed (Lightning never passes it: Lightning #20329).
+    """
+    import deepspeed
+
+    section = dict((ds_config or {}).get(DS_SECTION) or {})
+    num_checkpoints = None
+    if section.get("contiguous_memory_optimization") and section.get("number_checkpoints") is None:
+        num_checkpoints = num_modules
+    if ds_config is not None and DS_SECTION in ds_config:
+        deepspeed.checkpointing.configure(mpu_=None, deepspeed_config=dict(ds_config),
+                                          num_checkpoints=num_checkpoints)
+    else:
+        deepspeed.checkpointing.configure(mpu_=None)
+
+    def undo():
+        deepspeed.checkpointing.reset()  # drops contiguous buffers and offloaded activations
+
+    return undo
+
+
+def _apply_hf(model: nn.Module, settings: ActivationCheckpointing) -> CheckpointHandle:
+    was_enabled = bool(getattr(model, "is_gradient_checkpointing", False))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+        "use_reentrant": False, "preserve_rng_state": settings.preserve_rng_state})
+
+    def undo():
+        if not was_enabled:
+            model.gradient_checkpointing_disable()
+
+    return CheckpointHandle("hf", [], [undo])
