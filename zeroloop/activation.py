@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 BACKENDS = ("auto", "torch", "deepspeed", "hf")
+CONTAINERS = (nn.ModuleList, nn.ModuleDict)  # modules that are never called
 DS_SECTION = "activation_checkpointing"  # the DeepSpeed config section of the "deepspeed" backend
 
 
@@ -179,7 +180,8 @@ class ActivationCheckpointing:
 def select_modules(model: nn.Module, policy: Any = None, every: int = 1) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs to checkpoint, in ``named_modules()`` order.
 
-    Outermost matches only; the model itself never. Of those, every ``every``-th is kept
+    Outermost matches only; never the model itself, nor a ``ModuleList``/``ModuleDict``
+    (they have no forward: their entries are considered instead). Of those, every ``every``-th is kept
     (the ``every``-th, ``2 * every``-th, ...).
     """
     policy = as_policy(policy)
@@ -187,7 +189,8 @@ def select_modules(model: nn.Module, policy: Any = None, every: int = 1) -> list
     chosen: list[tuple[str, nn.Module]] = []
     inside: set[int] = set()  # ids of modules under a chosen one
     for name, module in model.named_modules():
-        if module is model or id(module) in inside:
+        # Containers are never called (no forward to wrap): look inside them instead.
+        if module is model or id(module) in inside or isinstance(module, CONTAINERS):
             continue
         if id(module) in in_lists or policy.selects(name, module):
             chosen.append((name, module))
@@ -331,46 +334,52 @@ def _deepspeed_checkpointed(name: str, module: nn.Module, forward: Callable) -> 
     def checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        args, kwargs = inputs_requiring_grad(name, module, args, kwargs)
+        args, kwargs = reentrant_inputs(name, module, args, kwargs)
         return deepspeed.checkpointing.checkpoint(forward, *args, **kwargs)
 
     return checkpointed
 
 
-def inputs_requiring_grad(name: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Make a reentrant checkpoint of ``module`` see at least one input that requires grad.
+def reentrant_inputs(name: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The inputs to hand DeepSpeed's reentrant checkpoint of ``module``: fresh aliases.
 
-    A reentrant checkpoint is an autograd Function: when none of its tensor inputs requires
-    grad, its output does not either, and backward never reaches the parameters inside
-    (they silently get no gradient). Floating inputs are then replaced by detached aliases
-    that require grad (same storage; the caller's tensors are untouched).
+    Every floating tensor becomes a new tensor object on the same storage, for two reasons:
+
+    - A reentrant checkpoint is an autograd Function: when none of its inputs requires
+      grad, its output does not either, and the parameters inside silently get no
+      gradient. An input that does not require grad is first given a grad-requiring
+      ``detach()`` (its gradient is computed and dropped); one that does keeps its graph.
+    - ``partition_activations`` replaces the ``.data`` of the tensors it is given and
+      restores them *flattened*; handed a ``view_as`` alias, it leaves the caller's tensor
+      (which the model may use again) and the leaf autograd accumulates into unchanged.
 
     Raises:
-        RuntimeError: no input requires grad, none is floating, and the module has
-            trainable parameters: it would silently not train.
+        RuntimeError: no input is a floating tensor and the module has trainable
+            parameters: they would silently get no gradient.
     """
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    if any(t.requires_grad for t in tensors):
-        return args, kwargs
-
     def alias(value):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.detach().requires_grad_()
-        return value
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        base = value if value.requires_grad else value.detach().requires_grad_()
+        return base.view_as(base)  # a non-leaf: DeepSpeed may reshape it, autograd keeps base's shape
 
-    if any(t.is_floating_point() for t in tensors):
-        return tuple(alias(a) for a in args), {k: alias(v) for k, v in kwargs.items()}
-    if any(p.requires_grad for p in module.parameters()):
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    if not any(t.is_floating_point() or t.requires_grad for t in tensors) and any(
+            p.requires_grad for p in module.parameters()):
         raise RuntimeError(
             f"activation checkpointing of {name!r} ({type(module).__name__}) with the reentrant \"deepspeed\" "
             "backend: none of its inputs is a floating tensor, so none can require grad and its parameters "
             "would get no gradient. Checkpoint a module whose input is a floating tensor (e.g. after the "
             "embedding), or use backend=\"torch\"")
-    return args, kwargs
+    return tuple(alias(a) for a in args), {k: alias(v) for k, v in kwargs.items()}
 
 
 def _configure_deepspeed(ds_config: Mapping[str, Any] | None, num_modules: int) -> Callable[[], None]:
     """Configure ``deepspeed.checkpointing`` from the config's section; return the undo.
+
+    Raises:
+        ValueError: ``cpu_checkpointing`` or ``contiguous_memory_optimization`` without
+            ``partition_activations``.
 
     Contiguous memory needs the number of checkpoints up front (DeepSpeed asserts it);
     when the section leaves ``number_checkpoints`` out, the number of checkpointed
@@ -379,6 +388,13 @@ def _configure_deepspeed(ds_config: Mapping[str, Any] | None, num_modules: int) 
     import deepspeed
 
     section = dict((ds_config or {}).get(DS_SECTION) or {})
+    partitioned = section.get("partition_activations", False)
+    for key in ("cpu_checkpointing", "contiguous_memory_optimization"):
+        if section.get(key) and not partitioned:
+            # DeepSpeed asserts this for contiguous buffers; for cpu_checkpointing alone its
+            # recompute receives emptied inputs (measured with 0.19.8).
+            raise ValueError(f"activation_checkpointing.{key}: works only together with "
+                             "partition_activations; set \"partition_activations\": true as well")
     num_checkpoints = None
     if section.get("contiguous_memory_optimization") and section.get("number_checkpoints") is None:
         num_checkpoints = num_modules
