@@ -1,0 +1,209 @@
+"""Activation memory and step time of the bundled GPT with and without checkpointing.
+
+Each configuration (no checkpointing, then each backend) trains a few steps in its own
+subprocess, so one's memory high-water mark cannot hide another's. Activation memory is
+the peak during a training step minus the memory at rest (parameters, gradients and
+AdamW state, all allocated by a warm-up step first):
+
+- GPU: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` at rest.
+- CPU: the process's peak RSS (``ru_maxrss``) minus its RSS at rest. glibc is told to
+  serve every allocation above 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed
+  activations go back to the system at once and RSS follows the live tensors.
+
+Usage::
+
+    python benchmarks/activation_checkpointing.py                      # CPU: ~2 minutes idle
+    python benchmarks/activation_checkpointing.py --device cuda --out benchmarks/results/activation_checkpointing_h100.json
+
+Step time is the median over the measured steps. Checkpointing must not change the
+model's numbers: the losses of every configuration are recorded and compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(HERE, "results", "activation_checkpointing_cpu.json")
+# (label, backend, every); "none" trains without checkpointing.
+CONFIGS = [("none", None, 1), ("torch", "torch", 1), ("deepspeed", "deepspeed", 1), ("torch-every-2", "torch", 2)]
+DEFAULT_CONFIGS = "none,torch,deepspeed"  # torch-every-2 on request: it keeps half the blocks' activations
+# Model sizes per device: 12 layers at sequence 512, where activations dominate.
+SIZES = {"cpu": dict(n_embd=256, n_head=4, batch=2), "cuda": dict(n_embd=768, n_head=12, batch=8)}
+MIB = 2 ** 20
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--seq", type=int, default=512, help="sequence length, tokens")
+    p.add_argument("--n-embd", type=int, help="width (default: 256 on CPU, 768 on CUDA)")
+    p.add_argument("--n-head", type=int, help="attention heads (default: 4 on CPU, 12 on CUDA)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: 2 on CPU, 8 on CUDA)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps, after one warm-up step")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help=f"comma-separated, of {', '.join(c[0] for c in CONFIGS)}; 'none' is required")
+    p.add_argument("--out", default=DEFAULT_OUT, help="the results JSON")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
+    args = p.parse_args(argv)
+    for key, value in SIZES[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# --- one configuration, in its own process ----------------------------------------------
+
+
+def run_one(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    label, backend, every = next(c for c in CONFIGS if c[0] == args.one)
+    from zeroloop.activation import ActivationCheckpointing, apply
+    from zeroloop.gpt import GPT, Block
+    from zeroloop.testing import single_process
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = GPT(n_layer=args.layers, n_head=args.n_head, n_embd=args.n_embd, block_size=args.seq).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (args.batch, args.seq + 1), generator=g).to(device)
+               for _ in range(args.steps + 1)]
+
+    with single_process():  # the "deepspeed" backend configures itself through torch.distributed
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if args.device == "cpu" else None)
+        handle = None
+        if backend is not None:
+            ds_config = {"train_batch_size": args.batch}
+            if backend == "deepspeed":
+                ds_config["activation_checkpointing"] = {}
+            handle = apply(model, ActivationCheckpointing(Block, backend=backend, every=every), ds_config)
+
+        def step(tokens):
+            loss = model(tokens[:, :-1], tokens[:, 1:]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: part of "at rest"
+            return loss.item()
+
+        losses = [step(batches[0])]  # warm-up: allocates gradients and AdamW state
+        rest = memory_now(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for tokens in batches[1:]:
+            started = time.perf_counter()
+            losses.append(step(tokens))  # .item() waits for the device
+            times.append(time.perf_counter() - started)
+        peak = memory_peak(device)
+        if handle is not None:
+            handle.remove()
+    return {"label": label, "backend": backend, "every": every,
+            "checkpointed": handle.names if handle else [],
+            "step_time_s": statistics.median(times), "step_times_s": times,
+            "rest_mib": rest / MIB, "peak_mib": peak / MIB, "activation_mib": (peak - rest) / MIB,
+            "losses": losses}
+
+
+def memory_now(device) -> int:
+    """Bytes in use now: allocated by torch on a GPU, resident on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def memory_peak(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+
+def run_all(args) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE), env.get("PYTHONPATH")]))
+    if args.device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    results = []
+    for label in args.configs.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", label, "--device", args.device,
+               "--layers", str(args.layers), "--seq", str(args.seq), "--n-embd", str(args.n_embd),
+               "--n-head", str(args.n_head), "--batch", str(args.batch), "--steps", str(args.steps),
+               "--threads", str(args.threads)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"configuration {label!r} failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(result)
+        print(f"{label:>14}: step {result['step_time_s']:.3f} s, activations {result['activation_mib']:.1f} MiB "
+              f"(peak {result['peak_mib']:.1f}, rest {result['rest_mib']:.1f})", flush=True)
+    return summarize(args, results)
+
+
+def summarize(args, results: list[dict]) -> dict:
+    import torch
+
+    base = next(r for r in results if r["label"] == "none")
+    for r in results:
+        r["activation_memory_change_pct"] = 100.0 * (r["activation_mib"] / base["activation_mib"] - 1.0)
+        r["step_time_change_pct"] = 100.0 * (r["step_time_s"] / base["step_time_s"] - 1.0)
+        r["max_loss_diff_vs_none"] = max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))
+        # The targets of issue 6: activation memory down >= 50%, step time up <= 40%.
+        r["meets_targets"] = r["activation_memory_change_pct"] <= -50.0 and r["step_time_change_pct"] <= 40.0
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    return {
+        "model": {"layers": args.layers, "seq": args.seq, "n_embd": args.n_embd, "n_head": args.n_head,
+                  "batch": args.batch, "dtype": "fp32", "optimizer": "AdamW"},
+        "device": device, "threads": args.threads, "measured_steps": args.steps,
+        # A shared machine's load makes CPU step times noisy; it is recorded with them.
+        "load_average_1min": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "memory": "cuda max_memory_allocated - allocated at rest" if args.device == "cuda"
+                  else "peak RSS (ru_maxrss) - RSS at rest, MALLOC_MMAP_THRESHOLD_=65536",
+        "results": results,
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+    started = time.perf_counter()
+    report = run_all(args)
+    report["wall_time_s"] = time.perf_counter() - started
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    for r in report["results"][1:]:
+        print(f"{r['label']:>14}: activations {r['activation_memory_change_pct']:+.0f}%, step time "
+              f"{r['step_time_change_pct']:+.0f}%, targets {'met' if r['meets_targets'] else 'NOT met'}, "
+              f"max loss diff {r['max_loss_diff_vs_none']:.2e}")
+    print(f"wrote {args.out} in {report['wall_time_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
