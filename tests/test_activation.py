@@ -288,6 +288,24 @@ class FakeHFModel(nn.Module):
         self.enabled_with = None
 
 
+def test_zero3_with_frozen_params_on_a_deepspeed_without_the_fix_avoids_non_reentrant(monkeypatch):
+    from zeroloop import activation
+
+    zero3 = tiny_config(stage=3)
+    frozen = BlockNet(frozen=True)
+    assert choose_backend(frozen, ActivationCheckpointing(), zero3) == "torch"  # 0.19.8 has the fix
+    monkeypatch.setattr(activation, "zero3_keeps_frozen_params_for_recompute", lambda: False)
+    assert choose_backend(frozen, ActivationCheckpointing(), zero3) == "deepspeed"
+    assert choose_backend(BlockNet(), ActivationCheckpointing(), zero3) == "torch"  # nothing frozen
+    assert choose_backend(frozen, ActivationCheckpointing(), tiny_config(stage=2)) == "torch"
+    with pytest.raises(ValueError, match="backend=\"torch\".*#8148.*backend=\"deepspeed\""):
+        choose_backend(frozen, ActivationCheckpointing(backend="torch"), zero3)
+    hf = FakeHFModel()
+    hf.layers.requires_grad_(False)
+    apply(hf, ActivationCheckpointing(), zero3)
+    assert hf.enabled_with["use_reentrant"] is True
+
+
 def test_hf_backend_uses_the_models_own_switch_non_reentrant():
     model = FakeHFModel()
     handle = apply(model, ActivationCheckpointing())

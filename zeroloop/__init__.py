@@ -6,11 +6,13 @@
 
 __version__ = "0.1.0"
 
+from .activation import ActivationCheckpointing  # noqa: E402
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
 from .runtime import seed_everything  # noqa: E402
 
 __all__ = [
+    "ActivationCheckpointing",
     "ConfigError",
     "Hyperparameters",
     "LogSettings",

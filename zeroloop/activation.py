@@ -19,11 +19,14 @@ Backends:
     ``"hf"``: a Hugging Face model's own ``gradient_checkpointing_enable``; the model picks
         its layers (no policy, ``every=1``).
     ``"auto"``: ``"hf"`` for a Hugging Face model without a policy, else ``"deepspeed"`` when
-        the config has an ``activation_checkpointing`` section, else ``"torch"``.
+        the config has an ``activation_checkpointing`` section (or when ZeRO-3 with frozen
+        parameters needs it, below), else ``"torch"``.
 
 Frozen parameters under ZeRO-3: both ``"torch"`` and ``"deepspeed"`` train them correctly
 with DeepSpeed 0.19.8 (its coordinator keeps frozen parameters gathered through a
-recompute; DeepSpeed #8148). See docs/activation-checkpointing.md.
+recompute; DeepSpeed #8148). With a DeepSpeed without that fix, the non-reentrant
+recompute fails, so "auto" picks "deepspeed" (reentrant, inputs guarded), "hf" passes
+``use_reentrant=True`` and "torch" is refused. See docs/activation-checkpointing.md.
 """
 
 from __future__ import annotations
@@ -198,6 +201,28 @@ def select_modules(model: nn.Module, policy: Any = None, every: int = 1) -> list
     return [pair for i, pair in enumerate(chosen, start=1) if i % every == 0]
 
 
+def zero3_keeps_frozen_params_for_recompute() -> bool:
+    """Whether this DeepSpeed's ZeRO-3 keeps frozen parameters gathered through a
+    checkpoint recompute (DeepSpeed #8148, in 0.19.8). Without it, a non-reentrant
+    recompute finds them re-partitioned to shape [0] and fails (transformers #47254)."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    return hasattr(partitioned_param_coordinator, "update_recompute_parameters")
+
+
+def zero_stage(ds_config: Mapping[str, Any] | None) -> int:
+    stage = ((ds_config or {}).get("zero_optimization") or {}).get("stage", 0)
+    return stage if isinstance(stage, int) else 0
+
+
+def frozen_params_break_non_reentrant(model: nn.Module, ds_config: Mapping[str, Any] | None) -> bool:
+    """ZeRO-3, a frozen parameter, and a DeepSpeed without the recompute fix: only a
+    reentrant checkpoint works then."""
+    if zero_stage(ds_config) != 3 or all(p.requires_grad for p in model.parameters()):
+        return False
+    return not zero3_keeps_frozen_params_for_recompute()
+
+
 def is_hf_model(model: nn.Module) -> bool:
     return callable(getattr(model, "gradient_checkpointing_enable", None))
 
@@ -208,16 +233,23 @@ def choose_backend(model: nn.Module, settings: ActivationCheckpointing,
 
     Raises:
         ValueError: ``"hf"`` for a model without ``gradient_checkpointing_enable``, or with
-            a policy or ``every`` (a Hugging Face model picks its own layers).
+            a policy or ``every`` (a Hugging Face model picks its own layers); ``"torch"``
+            where :func:`frozen_params_break_non_reentrant`.
     """
     backend = settings.backend
+    broken = frozen_params_break_non_reentrant(model, ds_config)
     if backend == "auto":
         if is_hf_model(model) and settings.policy is None and settings.every == 1:
-            backend = "hf"
-        elif ds_config is not None and DS_SECTION in ds_config:
+            backend = "hf"  # reentrant there when `broken` (see _apply_hf)
+        elif broken or (ds_config is not None and DS_SECTION in ds_config):
             backend = "deepspeed"
         else:
             backend = "torch"
+    if backend == "torch" and broken:
+        raise ValueError("activation_checkpointing.backend=\"torch\": this DeepSpeed predates the ZeRO-3 fix for "
+                         "frozen parameters in a non-reentrant recompute (DeepSpeed #8148; it fails with "
+                         "CheckpointError, transformers #47254) and the model has frozen parameters; use "
+                         "backend=\"deepspeed\" (or \"auto\"), or upgrade DeepSpeed")
     if backend == "hf":
         if not is_hf_model(model):
             raise ValueError(f"activation_checkpointing.backend=\"hf\": {type(model).__name__} has no "
@@ -278,7 +310,7 @@ def apply(model: nn.Module, settings: ActivationCheckpointing | None = None,
     settings = settings or ActivationCheckpointing()
     backend = choose_backend(model, settings, ds_config)
     if backend == "hf":
-        return _apply_hf(model, settings)
+        return _apply_hf(model, settings, ds_config)
     chosen = select_modules(model, settings.policy, settings.every)
     if not chosen:
         raise ValueError(f"activation checkpointing: the policy {as_policy(settings.policy)!r} (every="
@@ -410,10 +442,14 @@ def _configure_deepspeed(ds_config: Mapping[str, Any] | None, num_modules: int) 
     return undo
 
 
-def _apply_hf(model: nn.Module, settings: ActivationCheckpointing) -> CheckpointHandle:
+def _apply_hf(model: nn.Module, settings: ActivationCheckpointing,
+              ds_config: Mapping[str, Any] | None) -> CheckpointHandle:
     was_enabled = bool(getattr(model, "is_gradient_checkpointing", False))
+    # Reentrant only where non-reentrant fails; Hugging Face then makes the embedding
+    # output require grad itself (enable_input_require_grads), which avoids the pitfall.
+    reentrant = frozen_params_break_non_reentrant(model, ds_config)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-        "use_reentrant": False, "preserve_rng_state": settings.preserve_rng_state})
+        "use_reentrant": reentrant, "preserve_rng_state": settings.preserve_rng_state})
 
     def undo():
         if not was_enabled:
