@@ -146,6 +146,15 @@ def block_grads(model: BlockNet, x, y):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_step(got, expected):
+    """The same loss and the same gradients (the same parameters having one) within fp32 rounding."""
+    (loss, grads), (loss_ref, grads_ref) = got, expected
+    assert torch.equal(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_reentrant_pitfall_is_real_and_the_deepspeed_backend_avoids_it():
     x, y = torch.randn(4, DIM), torch.randn(4, 1)  # x does not require grad
     reference = BlockNet(dropout=0.2)
@@ -164,10 +173,7 @@ def test_reentrant_pitfall_is_real_and_the_deepspeed_backend_avoids_it():
         with apply(model, ActivationCheckpointing(backend="deepspeed"), None) as handle:
             loss, grads = block_grads(model, x, y)
     assert handle.backend == "deepspeed"
-    assert torch.equal(loss, loss_ref)
-    assert grads.keys() == grads_ref.keys()
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert_same_step((loss, grads), (loss_ref, grads_ref))
 
 
 def test_torch_backend_recomputes_dropout_identically():
@@ -178,9 +184,7 @@ def test_torch_backend_recomputes_dropout_identically():
     loss, grads = block_grads(model, x, y)
     assert handle.backend == "torch" and handle.names == ["blocks.0", "blocks.1", "blocks.2"]
     assert [b.calls for b in model.blocks] == [2, 2, 2]  # forward + recompute
-    assert torch.equal(loss, loss_ref)
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert_same_step((loss, grads), (loss_ref, grads_ref))
 
 
 def test_without_preserved_rng_the_recompute_draws_another_mask():
