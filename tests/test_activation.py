@@ -262,6 +262,8 @@ def test_bad_settings_are_refused_with_the_key():
         NamePattern("blocks.(")
     with pytest.raises(ValueError, match="selects no module"):
         apply(BlockNet(), ActivationCheckpointing("Transformer"))
+    with pytest.raises(TypeError, match="activation_checkpointing: expected ActivationCheckpointing"):
+        apply(BlockNet(), Residual)
 
 
 def test_auto_backend_choice():

@@ -296,7 +296,7 @@ def apply(model: nn.Module, settings: ActivationCheckpointing | None = None,
 
     Args:
         model: the model (not yet wrapped by DeepSpeed).
-        settings: what and how; None means ``ActivationCheckpointing()``.
+        settings: what and how; None or True means ``ActivationCheckpointing()``.
         ds_config: the resolved DeepSpeed config; its ``activation_checkpointing`` section
             configures the "deepspeed" backend (and makes "auto" choose it).
 
@@ -304,10 +304,15 @@ def apply(model: nn.Module, settings: ActivationCheckpointing | None = None,
         A :class:`CheckpointHandle`; ``handle.remove()`` restores every original forward.
 
     Raises:
+        TypeError: ``settings`` is not an :class:`ActivationCheckpointing`.
         ValueError: the policy selects no module, or a bad backend choice (see
             :func:`choose_backend`).
     """
-    settings = settings or ActivationCheckpointing()
+    if settings is None or settings is True:
+        settings = ActivationCheckpointing()
+    if not isinstance(settings, ActivationCheckpointing):
+        raise TypeError(f"activation_checkpointing: expected ActivationCheckpointing(...) (or True for the "
+                        f"defaults), got {type(settings).__name__}; e.g. ActivationCheckpointing(policy=Block)")
     backend = choose_backend(model, settings, ds_config)
     if backend == "hf":
         return _apply_hf(model, settings, ds_config)
