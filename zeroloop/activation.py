@@ -60,6 +60,10 @@ class CheckpointPolicy(ABC):
     def selects(self, name: str, module: nn.Module) -> bool:
         """Whether to checkpoint ``module``, found at ``name`` in ``named_modules()``."""
 
+    def matcher(self, model: nn.Module) -> Callable[[str, nn.Module], bool]:
+        """``selects`` for this model; override to look at the model as a whole first."""
+        return self.selects
+
 
 @dataclass(frozen=True)
 class ModuleClasses(CheckpointPolicy):
@@ -118,11 +122,11 @@ class RepeatedBlocks(CheckpointPolicy):
     ``model.layers``...). The default policy."""
 
     def selects(self, name: str, module: nn.Module) -> bool:
-        return False  # decided by select_modules, which sees the parents
+        raise TypeError("RepeatedBlocks needs the whole model: use matcher(model)")
 
-    @staticmethod
-    def children_of_lists(model: nn.Module) -> set[int]:
-        return {id(child) for m in model.modules() if isinstance(m, nn.ModuleList) for child in m}
+    def matcher(self, model: nn.Module) -> Callable[[str, nn.Module], bool]:
+        entries = {id(child) for m in model.modules() if isinstance(m, nn.ModuleList) for child in m}
+        return lambda name, module: id(module) in entries
 
 
 def as_policy(policy: Any) -> CheckpointPolicy:
@@ -184,18 +188,17 @@ def select_modules(model: nn.Module, policy: Any = None, every: int = 1) -> list
     """The ``(name, module)`` pairs to checkpoint, in ``named_modules()`` order.
 
     Outermost matches only; never the model itself, nor a ``ModuleList``/``ModuleDict``
-    (they have no forward: their entries are considered instead). Of those, every ``every``-th is kept
-    (the ``every``-th, ``2 * every``-th, ...).
+    (they have no forward: their entries are considered instead). Of those, the
+    ``every``-th, ``2 * every``-th, ... are kept.
     """
-    policy = as_policy(policy)
-    in_lists = RepeatedBlocks.children_of_lists(model) if isinstance(policy, RepeatedBlocks) else set()
+    matches = as_policy(policy).matcher(model)
     chosen: list[tuple[str, nn.Module]] = []
     inside: set[int] = set()  # ids of modules under a chosen one
     for name, module in model.named_modules():
         # Containers are never called (no forward to wrap): look inside them instead.
         if module is model or id(module) in inside or isinstance(module, CONTAINERS):
             continue
-        if id(module) in in_lists or policy.selects(name, module):
+        if matches(name, module):
             chosen.append((name, module))
             inside.update(id(m) for m in module.modules())
     return [pair for i, pair in enumerate(chosen, start=1) if i % every == 0]
