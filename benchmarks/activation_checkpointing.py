@@ -13,7 +13,8 @@ AdamW state, all allocated by a warm-up step first):
 Usage::
 
     python benchmarks/activation_checkpointing.py                      # CPU: ~2 minutes idle
-    python benchmarks/activation_checkpointing.py --device cuda --out benchmarks/results/activation_checkpointing_h100.json
+    python benchmarks/activation_checkpointing.py --device cuda --steps 10 \
+        --out benchmarks/results/activation_checkpointing_h100.json
 
 Step time is measured in one more process, the configurations interleaved step by step
 on one model (``handle.remove()`` between them), median per configuration. Checkpointing
@@ -36,7 +37,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "activation_checkpointing_cpu.json")
 # (label, backend, every); "none" trains without checkpointing.
-CONFIGS = [("none", None, 1), ("torch", "torch", 1), ("deepspeed", "deepspeed", 1), ("torch-every-2", "torch", 2)]
+CONFIGS = [("none", None, 1), ("torch", "torch", 1), ("deepspeed", "deepspeed", 1),
+           ("torch-every-2", "torch", 2)]
 DEFAULT_CONFIGS = "none,torch,deepspeed"  # torch-every-2 on request: it keeps half the blocks' activations
 # Model sizes per device: 12 layers at sequence 512, where activations dominate.
 SIZES = {"cpu": dict(n_embd=256, n_head=4, batch=2), "cuda": dict(n_embd=768, n_head=12, batch=8)}
@@ -224,8 +226,8 @@ def run_all(args) -> dict:
         result["step_times_s"], result["step_cpu_times_s"] = measured["wall"], measured["cpu"]
         result["step_time_s"] = statistics.median(measured["wall"])
         result["step_cpu_time_s"] = statistics.median(measured["cpu"])
-        print(f"{result['label']:>14}: step {result['step_time_s']:.3f} s wall, {result['step_cpu_time_s']:.3f} s "
-              f"CPU (medians of {args.steps})", flush=True)
+        print(f"{result['label']:>14}: step {result['step_time_s']:.3f} s wall, "
+              f"{result['step_cpu_time_s']:.3f} s CPU (medians of {args.steps})", flush=True)
     return summarize(args, results)
 
 
@@ -267,9 +269,10 @@ def main(argv=None) -> None:
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     for r in report["results"][1:]:
+        verdict = "met" if r["meets_targets"] else "NOT met"
         print(f"{r['label']:>14}: activations {r['activation_memory_change_pct']:+.0f}%, step time "
-              f"{r['step_time_change_pct']:+.0f}% (CPU time {r['step_cpu_time_change_pct']:+.0f}%), targets {'met' if r['meets_targets'] else 'NOT met'}, "
-              f"loss diff {r['loss_diff_vs_none']:.2e}")
+              f"{r['step_time_change_pct']:+.0f}% (CPU time {r['step_cpu_time_change_pct']:+.0f}%), "
+              f"targets {verdict}, loss diff {r['loss_diff_vs_none']:.2e}")
     print(f"wrote {args.out} in {report['wall_time_s']:.0f} s")
 
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from helpers import RegressionData
 from zeroloop import LogSettings, TrainerLoop
-from zeroloop.activation import (ActivationCheckpointing, ModuleClasses, NamePattern, Predicate, RepeatedBlocks,
-                                 apply, choose_backend, reentrant_inputs, select_modules)
+from zeroloop.activation import (ActivationCheckpointing, ModuleClasses, NamePattern, Predicate,
+                                 RepeatedBlocks, apply, choose_backend, reentrant_inputs, select_modules)
 from zeroloop.gpt import GPT, MLP, Block
 from zeroloop.testing import full_parameters, run_ranks, single_process, tiny_config
 
@@ -129,7 +129,8 @@ def test_checkpointing_trains_exactly_like_no_checkpointing(stage):
                 # Each checkpointed block runs again in the backward (not the frozen first
                 # one under "torch", whose output needs no backward at all).
                 assert sum(run["calls"]) > sum(plain["calls"]), (model_kind, label, run["calls"])
-                assert run["losses"] == pytest.approx(plain["losses"], rel=1e-6, abs=1e-7), (model_kind, label)
+                assert run["losses"] == pytest.approx(plain["losses"], rel=1e-6, abs=1e-7), \
+                    (model_kind, label)
                 for name, weight in plain["weights"].items():
                     torch.testing.assert_close(run["weights"][name], weight, rtol=1e-5, atol=1e-6,
                                                msg=lambda m: f"{model_kind}/{label}/{name}: {m}")
@@ -234,10 +235,11 @@ def test_policies_select_the_blocks():
     assert names(model, "Block") == blocks
     assert names(model, "zeroloop.gpt.Block") == blocks
     assert names(model, NamePattern(r"blocks\.\d+")) == blocks
-    assert names(model, Predicate(lambda name, m: name.startswith("blocks.") and name.count(".") == 1)) == blocks
+    top_level_blocks = Predicate(lambda name, m: name.startswith("blocks.") and name.count(".") == 1)
+    assert names(model, top_level_blocks) == blocks
     assert names(model, lambda name, m: isinstance(m, MLP)) == [f"blocks.{i}.mlp" for i in range(4)]
-    assert names(model, (MLP, "LayerNorm")) == ([f"blocks.{i}.{n}" for i in range(4) for n in ("ln_1", "ln_2", "mlp")]
-                                                + ["ln_f"])
+    per_block = [f"blocks.{i}.{n}" for i in range(4) for n in ("ln_1", "ln_2", "mlp")]
+    assert names(model, (MLP, "LayerNorm")) == per_block + ["ln_f"]
 
 
 def test_every_kth_block_and_outermost_only():

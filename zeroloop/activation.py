@@ -77,7 +77,8 @@ class ModuleClasses(CheckpointPolicy):
 
     def __init__(self, *classes: type | str):
         if not classes:
-            raise ValueError("ModuleClasses: give at least one class or class name, e.g. ModuleClasses(Block)")
+            raise ValueError("ModuleClasses: give at least one class or class name, "
+                             "e.g. ModuleClasses(Block)")
         for cls in classes:
             if not isinstance(cls, (type, str)):
                 raise TypeError(f"ModuleClasses: {cls!r} is neither a class nor a class name")
@@ -177,7 +178,8 @@ class ActivationCheckpointing:
             raise ValueError(f"activation_checkpointing.backend: must be one of {', '.join(BACKENDS)}, "
                              f"got {self.backend!r}")
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
-            raise ValueError(f"activation_checkpointing.every: must be a positive integer, got {self.every!r}")
+            raise ValueError(f"activation_checkpointing.every: must be a positive integer, "
+                             f"got {self.every!r}")
         as_policy(self.policy)  # fail here, not at set-up
 
 
@@ -249,17 +251,17 @@ def choose_backend(model: nn.Module, settings: ActivationCheckpointing,
         else:
             backend = "torch"
     if backend == "torch" and broken:
-        raise ValueError("activation_checkpointing.backend=\"torch\": this DeepSpeed predates the ZeRO-3 fix for "
-                         "frozen parameters in a non-reentrant recompute (DeepSpeed #8148; it fails with "
-                         "CheckpointError, transformers #47254) and the model has frozen parameters; use "
-                         "backend=\"deepspeed\" (or \"auto\"), or upgrade DeepSpeed")
+        raise ValueError("activation_checkpointing.backend=\"torch\": this DeepSpeed predates the ZeRO-3 "
+                         "fix for frozen parameters in a non-reentrant recompute (DeepSpeed #8148; it fails "
+                         "with CheckpointError, transformers #47254) and the model has frozen parameters; "
+                         "use backend=\"deepspeed\" (or \"auto\"), or upgrade DeepSpeed")
     if backend == "hf":
         if not is_hf_model(model):
             raise ValueError(f"activation_checkpointing.backend=\"hf\": {type(model).__name__} has no "
                              "gradient_checkpointing_enable(); use backend=\"torch\" with a policy")
         if settings.policy is not None or settings.every != 1:
-            raise ValueError("activation_checkpointing.backend=\"hf\": the model chooses its own layers; drop "
-                             "policy/every, or use backend=\"torch\" to choose them")
+            raise ValueError("activation_checkpointing.backend=\"hf\": the model chooses its own layers; "
+                             "drop policy/every, or use backend=\"torch\" to choose them")
     return backend
 
 
@@ -315,7 +317,8 @@ def apply(model: nn.Module, settings: ActivationCheckpointing | None = None,
         settings = ActivationCheckpointing()
     if not isinstance(settings, ActivationCheckpointing):
         raise TypeError(f"activation_checkpointing: expected ActivationCheckpointing(...) (or True for the "
-                        f"defaults), got {type(settings).__name__}; e.g. ActivationCheckpointing(policy=Block)")
+                        f"defaults), got {type(settings).__name__}; "
+                        "e.g. ActivationCheckpointing(policy=Block)")
     backend = choose_backend(model, settings, ds_config)
     if backend == "hf":
         return _apply_hf(model, settings, ds_config)
@@ -362,7 +365,8 @@ def _torch_checkpointed(forward: Callable, preserve_rng_state: bool) -> Callable
     def checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing is saved for a backward
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
+                          **kwargs)
 
     return checkpointed
 
@@ -404,13 +408,13 @@ def reentrant_inputs(name: str, module: nn.Module, args: tuple, kwargs: dict) ->
         return base.view_as(base)  # a non-leaf: DeepSpeed may reshape it, autograd keeps base's shape
 
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    if not any(t.is_floating_point() or t.requires_grad for t in tensors) and any(
-            p.requires_grad for p in module.parameters()):
+    can_require_grad = any(t.is_floating_point() or t.requires_grad for t in tensors)
+    if not can_require_grad and any(p.requires_grad for p in module.parameters()):
         raise RuntimeError(
-            f"activation checkpointing of {name!r} ({type(module).__name__}) with the reentrant \"deepspeed\" "
-            "backend: none of its inputs is a floating tensor, so none can require grad and its parameters "
-            "would get no gradient. Checkpoint a module whose input is a floating tensor (e.g. after the "
-            "embedding), or use backend=\"torch\"")
+            f"activation checkpointing of {name!r} ({type(module).__name__}) with the reentrant "
+            "\"deepspeed\" backend: none of its inputs is a floating tensor, so none can require grad "
+            "and its parameters would get no gradient. Checkpoint a module whose input is a floating "
+            "tensor (e.g. after the embedding), or use backend=\"torch\"")
     return tuple(alias(a) for a in args), {k: alias(v) for k, v in kwargs.items()}
 
 
