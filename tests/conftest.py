@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -29,3 +30,13 @@ def _shm_buffers():
         return [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer")]
     except FileNotFoundError:
         return []
+
+
+@pytest.fixture(autouse=True)
+def _zeroloop_logs_reach_caplog():
+    """zeroloop's logger prints through its own handler and does not propagate; let pytest's
+    caplog (on the root logger) see it too during tests."""
+    logger = logging.getLogger("zeroloop")
+    propagate, logger.propagate = logger.propagate, True
+    yield
+    logger.propagate = propagate

@@ -6,6 +6,7 @@
 
 __version__ = "0.1.0"
 
+from .activation import ActivationCheckpointing  # noqa: E402
 from .checkpoint import CheckpointError, CheckpointSettings  # noqa: E402
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
 from .consolidate import consolidate  # noqa: E402
@@ -15,6 +16,7 @@ from .precision import HealthPolicy, NumericalHealthError  # noqa: E402
 from .runtime import init_distributed, seed_everything, teardown  # noqa: E402
 
 __all__ = [
+    "ActivationCheckpointing",
     "CheckpointError",
     "CheckpointSettings",
     "ConfigError",

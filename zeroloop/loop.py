@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from . import runtime
+from .activation import ActivationCheckpointing
+from .activation import apply as apply_activation_checkpointing
 from .checkpoint import Checkpointer, CheckpointSettings
 from .config import ConfigError, Hyperparameters, batch_sizes, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
@@ -137,6 +139,9 @@ class TrainerLoop:
             memory this process can see, naming the option that would.
         checkpoint: when to save checkpoints and what to resume from (None: no
             checkpoints); see :mod:`zeroloop.checkpoint`.
+        activation_checkpointing: an :class:`~zeroloop.activation.ActivationCheckpointing`
+            choosing the modules to checkpoint and the backend; applied in :meth:`setup`,
+            before ``deepspeed.initialize`` (None: no checkpointing).
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -163,6 +168,7 @@ class TrainerLoop:
         health: HealthPolicy | None = None,
         preflight: bool = True,
         checkpoint: CheckpointSettings | None = None,
+        activation_checkpointing: ActivationCheckpointing | None = None,
     ):
         self.model = model
         self.config = config
@@ -182,6 +188,8 @@ class TrainerLoop:
         self.preflight = preflight
         self.checkpoint = checkpoint
         self.checkpointer = Checkpointer(self, checkpoint) if checkpoint is not None else None
+        self.activation_checkpointing = activation_checkpointing
+        self.activation_handle = None  # removes the activation checkpointing setup() applied
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
@@ -254,8 +262,7 @@ class TrainerLoop:
         self.on_train_start()
         bar = ProgressBar(self.total_steps, initial=self.global_step,
                           enabled=self.rank == 0 and self.log.progress_bar)
-        summary = TrainSummary()
-        window = _Window(engine.device)
+        summary, window = TrainSummary(), _Window(engine.device)
         started = time.perf_counter()
         try:
             for batch in self._micro_batches():
@@ -272,27 +279,7 @@ class TrainerLoop:
                 engine.step()
                 window.add(loss, count_samples(batch), count_tokens(batch))
                 summary.micro_steps += 1
-                if not boundary:
-                    continue
-
-                self.global_step += 1
-                metrics = {"step": self.global_step, "epoch": self.epoch, "lr": self.current_lr()}
-                if self._scale_monitor:
-                    metrics.update(self._scale_monitor.after_step(self.global_step))
-                if logging_step:
-                    metrics.update(self._reduce_window(window, summary))
-                    metrics["grad_norm"] = grad_norm_of(engine, fallback=norm)
-                    self._metrics_log.write(metrics)
-                    summary.history.append(metrics)
-                    summary.final_loss = metrics["loss"]
-                    window.reset()
-                bar.update(1, metrics if "loss" in metrics else None)
-                self.on_step_end(self.global_step, metrics)
-                if self.eval_every and self.global_step % self.eval_every == 0:
-                    summary.eval_loss = self.evaluate()["eval_loss"]
-                if self.checkpointer is not None and self.checkpointer.step_end():
-                    break  # stop requested (SIGTERM/SIGINT): saved, leave cleanly
-                if self.total_steps is not None and self.global_step >= self.total_steps:
+                if boundary and self._end_step(summary, window, bar, logging_step, norm):
                     break
             if window.micro_steps:  # a tail since the last logged step
                 summary.final_loss = self._reduce_window(window, summary)["loss"]
@@ -304,21 +291,59 @@ class TrainerLoop:
             if self.checkpointer is not None:
                 self.checkpointer.remove_signal_handlers()
 
-        self._close_finished_epoch()
-        summary.steps, summary.epochs = self.global_step, self.epoch
-        summary.skipped_steps = int(engine.skipped_steps)
-        summary.skipped_micro_batches = self._nonfinite.skipped if self._nonfinite else 0
-        summary.wall_time_s = time.perf_counter() - started
-        summary.samples_per_sec = summary.samples / summary.wall_time_s
-        if summary.tokens is not None:
-            summary.tokens_per_sec = summary.tokens / summary.wall_time_s
-        if self.eval_loader is not None and not (self.eval_every and self.global_step % self.eval_every == 0):
+        self._complete_summary(summary, time.perf_counter() - started)
+        if self.eval_loader is not None and not self._evaluation_due():
             summary.eval_loss = self.evaluate()["eval_loss"]
         if self.checkpointer is not None:
             self.checkpointer.finish()
         self.on_train_end(summary)
         self._finish()
         return summary
+
+    def _end_step(self, summary: TrainSummary, window: _Window, bar: ProgressBar, logging_step: bool,
+                  norm: float | None) -> bool:
+        """After an optimizer step: metrics, hooks, evaluation, checkpoint.
+
+        Returns:
+            True when training must stop (``max_steps`` reached, or a stop was requested).
+        """
+        self.global_step += 1
+        metrics = self._step_metrics(summary, window, logging_step, norm)
+        bar.update(1, metrics if logging_step else None)
+        self.on_step_end(self.global_step, metrics)
+        if self._evaluation_due():
+            summary.eval_loss = self.evaluate()["eval_loss"]
+        if self.checkpointer is not None and self.checkpointer.step_end():
+            return True  # stop requested (SIGTERM/SIGINT): saved, leave cleanly
+        return self.total_steps is not None and self.global_step >= self.total_steps
+
+    def _step_metrics(self, summary: TrainSummary, window: _Window, logging_step: bool,
+                      norm: float | None) -> dict[str, Any]:
+        """This step's metrics; on logging steps, also averaged over ranks and written out."""
+        metrics = {"step": self.global_step, "epoch": self.epoch, "lr": self.current_lr()}
+        if self._scale_monitor:
+            metrics.update(self._scale_monitor.after_step(self.global_step))
+        if logging_step:
+            metrics.update(self._reduce_window(window, summary))
+            metrics["grad_norm"] = grad_norm_of(self.engine, fallback=norm)
+            self._metrics_log.write(metrics)
+            summary.history.append(metrics)
+            summary.final_loss = metrics["loss"]
+            window.reset()
+        return metrics
+
+    def _evaluation_due(self) -> bool:
+        return bool(self.eval_every) and self.global_step % self.eval_every == 0
+
+    def _complete_summary(self, summary: TrainSummary, wall_time_s: float) -> None:
+        self._close_finished_epoch()
+        summary.steps, summary.epochs = self.global_step, self.epoch
+        summary.skipped_steps = int(self.engine.skipped_steps)
+        summary.skipped_micro_batches = self._nonfinite.skipped if self._nonfinite else 0
+        summary.wall_time_s = wall_time_s
+        summary.samples_per_sec = summary.samples / wall_time_s
+        if summary.tokens is not None:
+            summary.tokens_per_sec = summary.tokens / wall_time_s
 
     def evaluate(self) -> dict[str, Any]:
         """Mean ``compute_loss`` over ``eval_data``, weighted by samples, over all ranks.
@@ -356,7 +381,9 @@ class TrainerLoop:
         """Build everything ``train()`` needs; runs once, later calls return the engine.
 
         Order: check arguments; prepare the process (rank variables, CPU threads, seeds,
-        process group); resolve the config; build the loaders; ``deepspeed.initialize``.
+        process group); resolve the config and build the training loader; memory pre-flight;
+        activation checkpointing; ``deepspeed.initialize``; health checks, evaluation
+        loader, metrics file; resume from a checkpoint.
 
         Returns:
             The ``DeepSpeedEngine`` (also ``self.engine``).
@@ -371,6 +398,7 @@ class TrainerLoop:
         self.ds_config = self._resolve_config()
         self._write_resolved_config()
         self._check_memory()
+        self._apply_activation_checkpointing()
         self.engine = self._build_engine()
         self._after_engine_init()
         self._build_health_checks()
@@ -465,6 +493,11 @@ class TrainerLoop:
         warning = preflight(self.model, self.ds_config, self.world_size)
         if warning:
             log.warning(warning)
+
+    def _apply_activation_checkpointing(self) -> None:
+        if self.activation_checkpointing is not None:
+            self.activation_handle = apply_activation_checkpointing(self.model, self.activation_checkpointing,
+                                                                    self.ds_config)
 
     def _build_engine(self):
         import deepspeed
