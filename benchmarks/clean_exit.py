@@ -41,8 +41,11 @@ def one_run(launcher: str) -> dict:
     leftovers = [f for f in os.listdir("/dev/shm") if f"_{port}_" in f]
     for name in leftovers:  # keep trials independent
         os.unlink(os.path.join("/dev/shm", name))
-    return {"returncode": result.returncode, "aborted": "terminate called" in output,
-            "shm_left": len(leftovers), "seconds": round(time.monotonic() - started, 1)}
+    run = {"returncode": result.returncode, "aborted": "terminate called" in output,
+           "shm_left": len(leftovers), "seconds": round(time.monotonic() - started, 1)}
+    if result.returncode != 0:
+        run["output_tail"] = output[-3000:]
+    return run
 
 
 def main(argv=None) -> int:
@@ -57,8 +60,9 @@ def main(argv=None) -> int:
         summary[launcher] = {"runs": args.runs, "nonzero_exits": sum(r["returncode"] != 0 for r in runs),
                              "aborts": sum(r["aborted"] for r in runs),
                              "shm_files_left": sum(r["shm_left"] for r in runs),
-                             "median_seconds": sorted(r["seconds"] for r in runs)[len(runs) // 2]}
-        print(launcher, json.dumps(summary[launcher]), flush=True)
+                             "median_seconds": sorted(r["seconds"] for r in runs)[len(runs) // 2],
+                             "failures": [r["output_tail"] for r in runs if "output_tail" in r]}
+        print(launcher, json.dumps({k: v for k, v in summary[launcher].items() if k != "failures"}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"script": str(SCRIPT.name), "results": summary}, indent=2) + "\n")
     return 0
