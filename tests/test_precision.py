@@ -4,6 +4,7 @@ DeepSpeed refuses fp16 on a CPU; ``fp16_on_cpu()`` lets its fp16 paths run for t
 """
 
 import math
+import os
 import tempfile
 
 import deepspeed
@@ -186,3 +187,32 @@ def test_bad_health_policy_is_reported_with_the_other_arguments(tmp_path):
     assert len(info.value.problems) == 4
     for key in ("max_steps", "health.loss_scale", "health.non_finite", "health.max_consecutive_overflows"):
         assert key in str(info.value)
+
+
+def fp16_resume(rank, root):
+    """Seven steps straight, against four, a stop, and a resume to seven (ZeRO-2, fp16)."""
+    from zeroloop import CheckpointSettings
+
+    deepspeed.init_distributed()
+    config = fp16_config(2)
+    scales = {}
+    with fp16_on_cpu():
+        for name, steps, resume in (("straight", 7, None), ("first", 4, None), ("resumed", 7, "latest")):
+            settings = CheckpointSettings(resume=resume, final_weights=False, handle_signals=False,
+                                          folder=os.path.join(root, "straight" if name == "straight" else "split"))
+            loop = Injecting(make_model(), config, train_data=RegressionData(n=128), output_dir=tempfile.mkdtemp(),
+                             max_steps=steps, checkpoint=settings, log=LogSettings(every=1, progress_bar=False))
+            loop.overflow_steps = OVERFLOW_STEPS
+            loop.train()
+            scales[name] = [(m["step"], m["loss_scale"], m["skipped_steps"]) for m in loop.metrics]
+    return scales
+
+
+def test_fp16_resume_continues_with_the_saved_scale(tmp_path):
+    for scales in run_ranks(fp16_resume, 2, str(tmp_path)):
+        # The straight run's scale history, split at the checkpoint after step 4: the
+        # resumed run goes on with the scale, hysteresis and clean-step count it saved
+        # (a fresh scaler would start again at 256 and double later).
+        assert scales["straight"] == [(1, 256, 0), (2, 256, 1), (3, 128, 2), (4, 128, 2), (5, 128, 2),
+                                      (6, 128, 2), (7, 256, 2)]
+        assert scales["first"] + scales["resumed"] == scales["straight"]
