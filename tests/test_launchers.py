@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from zeroloop import consolidate
+from zeroloop.consolidate import load_state_dict
 from zeroloop.runtime import available_cores, free_port
 
 pytestmark = pytest.mark.launcher
@@ -70,7 +73,7 @@ def test_main_job_under_deepspeed(tmp_path):
     out = tmp_path / "gpt"
     output = run([launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "zeroloop",
                   "train", "--steps", "6", "--max-bytes", "200000", "--seq-len", "64", "--log-every", "2",
-                  "--eval-every", "3", "--warmup", "2", "--output-dir", str(out)], port)
+                  "--eval-every", "3", "--warmup", "2", "--save-every", "3", "--output-dir", str(out)], port)
     (report_line,) = [line for line in output.splitlines() if line.startswith('{"steps"')]  # rank 0 only
     report = json.loads(report_line)
     assert report["steps"] == 6 and report["final_loss"] < report["first_logged_loss"]
@@ -79,3 +82,12 @@ def test_main_job_under_deepspeed(tmp_path):
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
     resolved = json.loads((out / "ds_config.resolved.json").read_text())
     assert resolved["zero_optimization"]["stage"] == 2 and resolved["train_batch_size"] == 32
+
+    # Checkpoints every 3 steps; the final weights, written by the loop, equal what
+    # consolidating the last checkpoint gives.
+    assert (out / "checkpoints" / "latest").read_text().strip() == "global_step6"
+    consolidate(str(out / "checkpoints"), str(tmp_path / "consolidated"), progress=False)
+    final, consolidated = load_state_dict(out / "final"), load_state_dict(tmp_path / "consolidated")
+    assert final.keys() == consolidated.keys() and "lm_head.weight" in final
+    for name in final:
+        assert torch.equal(final[name], consolidated[name]), name

@@ -118,3 +118,12 @@ def test_remove_shm_buffers_only_touches_its_port():
         assert os.path.exists(paths[1])
     finally:
         remove_shm_buffers(other)
+
+
+def test_pytest_plugin_fixtures(zeroloop_single_process, zeroloop_tiny_config, zeroloop_fp16_on_cpu):
+    """The fixtures come from the plugin the package registers (entry point pytest11)."""
+    from deepspeed.accelerator import get_accelerator
+
+    assert os.environ["WORLD_SIZE"] == "1" and os.environ["RANK"] == "0"
+    assert zeroloop_tiny_config(stage=3, micro=4)["zero_optimization"] == {"stage": 3}
+    assert get_accelerator().is_fp16_supported() is True

@@ -51,6 +51,11 @@ def add_train_command(commands) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+                   help="checkpoint every STEPS optimizer steps under OUTPUT_DIR/checkpoints, and write the "
+                        "final weights to OUTPUT_DIR/final as safetensors")
+    p.add_argument("--resume", default=None, metavar="latest|PATH",
+                   help="resume from the newest complete checkpoint (latest) or a checkpoint folder")
     p.set_defaults(run=run_train)
 
 
@@ -63,7 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
                  gradient_accumulation_steps=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
                  data=args.data, max_bytes=args.max_bytes, output_dir=args.output_dir, seed=args.seed,
                  log_every=args.log_every, eval_every=args.eval_every, config=args.config,
-                 progress_bar=not args.no_progress)
+                 progress_bar=not args.no_progress, save_every=args.save_every, resume=args.resume)
     summary = run_gpt_job(job)
     if rank() == 0:
         first = summary.history[0]["loss"] if summary.history else None

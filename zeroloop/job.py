@@ -10,6 +10,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoint import CheckpointSettings
 from .config import Hyperparameters
 from .corpus import VOCAB_SIZE, read_corpus, train_eval_split
 from .gpt import GPT, GPT_SIZES, GPTConfig
@@ -55,6 +56,8 @@ class GPTJob:
     eval_every: int | None = 100
     config: Any = None  # a DeepSpeed config (dict or path) replacing DEFAULT_CONFIG
     progress_bar: bool = True
+    save_every: int | None = None  # optimizer steps between checkpoints; None: no checkpoints
+    resume: str | None = None  # "latest" or a checkpoint path (turns checkpointing on)
     gpt_overrides: dict = field(default_factory=dict)
 
     def ds_config(self) -> Any:
@@ -70,6 +73,12 @@ class GPTJob:
         return GPTConfig(vocab_size=VOCAB_SIZE, block_size=self.seq_len, **GPT_SIZES[self.size],
                          **self.gpt_overrides)
 
+    def checkpoint(self) -> CheckpointSettings | None:
+        """Checkpoints (and final safetensors weights) when asked for, else None."""
+        if self.save_every is None and self.resume is None:
+            return None
+        return CheckpointSettings(every=self.save_every, resume=self.resume)
+
     def hparams(self) -> Hyperparameters:
         return Hyperparameters(micro_batch_size=self.micro_batch_size,
                                gradient_accumulation_steps=self.gradient_accumulation_steps,
@@ -84,7 +93,7 @@ def build_gpt_loop(job: GPTJob) -> TrainerLoop:
     train_set, eval_set = train_eval_split(read_corpus(job.data, job.max_bytes), job.seq_len)
     return TrainerLoop(model, job.ds_config(), train_data=train_set, eval_data=eval_set,
                        output_dir=job.output_dir, max_steps=job.steps, seed=job.seed,
-                       hparams=job.hparams(), eval_every=job.eval_every,
+                       hparams=job.hparams(), eval_every=job.eval_every, checkpoint=job.checkpoint(),
                        log=LogSettings(every=job.log_every, progress_bar=job.progress_bar))
 
 
