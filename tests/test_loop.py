@@ -323,3 +323,12 @@ def test_memory_preflight_warns_before_initialize(tmp_path, monkeypatch, caplog)
         logger.removeHandler(caplog.handler)
     assert calls == [(0, 1)]  # once, for the first run only
     assert "memory pre-flight" in caplog.text and "per device" in caplog.text
+
+
+def test_optimizer_and_scheduler_passed_in(tmp_path):
+    config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 1_000_000}
+    _, summary = train_one_rank(
+        make_model(), config, train_data=RegressionData(), output_dir=tmp_path, max_steps=3,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step))
+    assert [h["lr"] for h in summary.history] == pytest.approx([0.05, 0.025, 0.0125])
