@@ -28,9 +28,14 @@ def fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list):
-        return ", ".join(fmt(v) for v in value) if all(not isinstance(v, (dict, list)) for v in value) else "…"
+        scalars = all(not isinstance(v, (dict, list)) for v in value)
+        return ", ".join(fmt(v) for v in value) if scalars else "…"
     text = str(value).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= 90 else text[:87] + "..."
+
+
+def is_short_numbers(value: list) -> bool:
+    return len(value) <= 4 and all(isinstance(v, (int, float)) for v in value)
 
 
 def flatten(record: dict) -> dict:
@@ -39,7 +44,7 @@ def flatten(record: dict) -> dict:
     for key, value in record.items():
         if isinstance(value, dict):
             nested.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})
-        elif not isinstance(value, list) or (len(value) <= 4 and all(isinstance(v, (int, float)) for v in value)):
+        elif not isinstance(value, list) or is_short_numbers(value):
             flat[key] = value
     return {**flat, **nested}
 
@@ -78,7 +83,8 @@ def section(path: str) -> str:
                     and k not in MACHINE_KEYS and all(not isinstance(x, (dict, list)) for x in v.values())})
     about = {**machine, **flatten(scalars)}
     if about:
-        out += ["| field | value |", "| --- | --- |"] + [f"| {k} | {fmt(v)} |" for k, v in about.items()] + [""]
+        out += ["| field | value |", "| --- | --- |"]
+        out += [f"| {k} | {fmt(v)} |" for k, v in about.items()] + [""]
     for key, value in data.items():
         if is_records(value):
             out += [f"**{key}**", "", table(value), ""]
