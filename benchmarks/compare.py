@@ -16,7 +16,8 @@ steps, AdamW (lr 1e-4, no weight decay), gradient clipping 1.0, ZeRO-2, fp32.
 Timing: every contender records ``time.perf_counter()`` at the end of each optimizer step
 (a hook or callback, as a user would add one); the figure is the median step time after
 the warm-up steps. Contenders alternate round by round, each run a fresh pair of processes
-(``zeroloop.testing.run_ranks``), so machine noise spreads over all of them. The ratio is
+(``zeroloop.testing.run_ranks``), the order rotated each round, so machine noise spreads over
+all of them. The ratio is
 contender seconds per step over zeroloop's: above 1, zeroloop is faster.
 
 Patches some contenders need to start on CPU ranks are listed in PATCHES and written into
@@ -71,13 +72,20 @@ class TokenDataset(torch.utils.data.Dataset):
     """Random byte tokens; labels = inputs (GPT2LMHeadModel shifts them itself)."""
 
     def __init__(self, samples: int):
-        self.ids = torch.randint(0, MODEL["vocab_size"], (samples, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+        seeded = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, MODEL["vocab_size"], (samples, SEQ_LEN), generator=seeded)
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def distributed_loader(data, micro: int):
+    """This rank's shuffled share of ``data`` (the process group must be up)."""
+    sampler = torch.utils.data.DistributedSampler(data, shuffle=True, seed=0)
+    return torch.utils.data.DataLoader(data, batch_size=micro, sampler=sampler)
 
 
 # --- contenders: each runs on every rank and returns its step end times (rank 0's matter) -----
@@ -93,8 +101,8 @@ def run_zeroloop(rank, micro, steps, out_dir):
         def on_step_end(self, step, metrics):
             self.times.append(time.perf_counter())
 
-    loop = Timed(make_model(), ds_config(micro, 2), train_data=TokenDataset(micro * 2 * steps), max_steps=steps,
-                 output_dir=out_dir, log=LogSettings(progress_bar=False, every=steps), preflight=False)
+    loop = Timed(make_model(), ds_config(micro, 2), train_data=TokenDataset(micro * 2 * steps),
+                 max_steps=steps, output_dir=out_dir, log=LogSettings(progress_bar=False, every=steps))
     loop.train()
     return loop.times
 
@@ -104,8 +112,11 @@ def run_hand(rank, micro, steps, out_dir):
 
     deepspeed.init_distributed(dist_backend="gloo")
     model = make_model()
-    engine, _, loader, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                config=ds_config(micro, 2), training_data=TokenDataset(micro * 2 * steps))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=ds_config(micro, 2))
+    # Our own loader: DeepSpeed's (training_data=) starts worker processes, which a run_ranks
+    # rank (a daemon process) may not have.
+    loader = distributed_loader(TokenDataset(micro * 2 * steps), micro)
     times = []
     for batch in loader:
         loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
@@ -132,7 +143,8 @@ def run_hf_trainer(rank, micro, steps, out_dir):
 
     timer = StepTimes()
     args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=micro, max_steps=steps,
-                             learning_rate=LR, weight_decay=0.0, max_grad_norm=CLIP, lr_scheduler_type="constant",
+                             learning_rate=LR, weight_decay=0.0, max_grad_norm=CLIP,
+                             lr_scheduler_type="constant",
                              deepspeed=ds_config(micro, 2), report_to=[], save_strategy="no",
                              logging_steps=steps, disable_tqdm=True, dataloader_num_workers=0, seed=0)
     trainer = Trainer(model=make_model(), args=args, train_dataset=TokenDataset(micro * 2 * steps),
@@ -231,9 +243,7 @@ def run_ddp(rank, micro, steps, out_dir):
     dist.init_process_group("gloo")
     model = DistributedDataParallel(make_model())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    data = TokenDataset(micro * 2 * steps)
-    loader = torch.utils.data.DataLoader(data, batch_size=micro,
-                                         sampler=torch.utils.data.DistributedSampler(data, shuffle=True, seed=0))
+    loader = distributed_loader(TokenDataset(micro * 2 * steps), micro)
     times = []
     for batch in loader:
         loss = model(**batch).loss
@@ -285,7 +295,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     p.add_argument("--micro-batch", type=int, default=8)
@@ -296,7 +306,8 @@ def main(argv=None):
     errors = {}
     with tempfile.TemporaryDirectory() as out_root:
         for round_ in range(args.rounds):
-            for name in args.contenders:
+            shift = round_ % len(args.contenders)  # a different contender first in each round
+            for name in args.contenders[shift:] + args.contenders[:shift]:
                 if name in errors:
                     continue
                 result = run_contender(name, args.micro_batch, args.steps, out_root)
@@ -318,15 +329,16 @@ def main(argv=None):
         if name in errors:
             results["contenders"][name] = errors[name]
             continue
-        row = {"s_per_step_per_round": per_round[name], "median_s_per_step": statistics.median(per_round[name]),
-               "steps_per_sec": 1 / statistics.median(per_round[name])}
+        median = statistics.median(per_round[name])
+        row = {"s_per_step_per_round": per_round[name], "median_s_per_step": median, "steps_per_sec": 1 / median}
         if base:  # the ratio per round, zeroloop's run of the same round as the base
             ratios = [c / z for c, z in zip(per_round[name], base)]
             row.update(ratio_to_zeroloop_per_round=ratios, ratio_to_zeroloop=statistics.median(ratios))
         results["contenders"][name] = row
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(json.dumps({n: r.get("ratio_to_zeroloop", r.get("error")) for n, r in results["contenders"].items()}))
+    ratios = {n: r.get("ratio_to_zeroloop", r.get("error")) for n, r in results["contenders"].items()}
+    print(json.dumps(ratios))
     print(f"wrote {args.out}")
 
 
