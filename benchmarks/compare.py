@@ -91,7 +91,7 @@ def distributed_loader(data, micro: int):
 # --- contenders: each runs on every rank and returns its step end times (rank 0's matter) -----
 
 
-def run_zeroloop(rank, micro, steps, out_dir):
+def run_zeroloop(rank, micro, steps, out_dir, health=None):
     from zeroloop import LogSettings, TrainerLoop
 
     class Timed(TrainerLoop):
@@ -102,9 +102,18 @@ def run_zeroloop(rank, micro, steps, out_dir):
             self.times.append(time.perf_counter())
 
     loop = Timed(make_model(), ds_config(micro, 2), train_data=TokenDataset(micro * 2 * steps),
-                 max_steps=steps, output_dir=out_dir, log=LogSettings(progress_bar=False, every=steps))
+                 max_steps=steps, output_dir=out_dir, log=LogSettings(progress_bar=False, every=steps),
+                 health=health)
     loop.train()
     return loop.times
+
+
+def run_zeroloop_guard_off(rank, micro, steps, out_dir):
+    """zeroloop without its non-finite-loss guard (an all-reduce of one flag per rank, every
+    micro-batch): how much of zeroloop's difference to the hand loop that guard is."""
+    from zeroloop import HealthPolicy
+
+    return run_zeroloop(rank, micro, steps, out_dir, health=HealthPolicy(non_finite="off"))
 
 
 def run_hand(rank, micro, steps, out_dir):
@@ -260,6 +269,7 @@ def run_ddp(rank, micro, steps, out_dir):
 
 CONTENDERS = {"zeroloop": run_zeroloop, "hand": run_hand, "hf_trainer": run_hf_trainer,
               "lightning": run_lightning, "ddp": run_ddp}
+EXTRA = {"zeroloop_guard_off": run_zeroloop_guard_off}  # only when named with --contenders
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -275,7 +285,8 @@ def run_contender(name, micro, steps, out_root) -> dict:
     from zeroloop.testing import RankFailure, run_ranks
 
     try:
-        times = run_ranks(CONTENDERS[name], 2, micro, steps, os.path.join(out_root, name), timeout=300)[0]
+        fn = {**CONTENDERS, **EXTRA}[name]
+        times = run_ranks(fn, 2, micro, steps, os.path.join(out_root, name), timeout=300)[0]
         return {"times": times}
     except RankFailure as error:
         return {"error": last_error_line(str(error)), "traceback": str(error)[-4000:]}
@@ -294,7 +305,7 @@ def main(argv=None):
     from throughput import machine
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=[*CONTENDERS, *EXTRA])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
@@ -330,7 +341,8 @@ def main(argv=None):
             results["contenders"][name] = errors[name]
             continue
         median = statistics.median(per_round[name])
-        row = {"s_per_step_per_round": per_round[name], "median_s_per_step": median, "steps_per_sec": 1 / median}
+        row = {"s_per_step_per_round": per_round[name], "median_s_per_step": median,
+               "steps_per_sec": 1 / median}
         if base:  # the ratio per round, zeroloop's run of the same round as the base
             ratios = [c / z for c, z in zip(per_round[name], base)]
             row.update(ratio_to_zeroloop_per_round=ratios, ratio_to_zeroloop=statistics.median(ratios))
