@@ -35,7 +35,7 @@ def fmt(value) -> str:
 
 
 def is_short_numbers(value: list) -> bool:
-    return len(value) <= 4 and all(isinstance(v, (int, float)) for v in value)
+    return len(value) <= 8 and all(isinstance(v, (int, float)) for v in value)  # per-round figures
 
 
 def flatten(record: dict) -> dict:
