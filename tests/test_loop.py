@@ -332,3 +332,13 @@ def test_optimizer_and_scheduler_passed_in(tmp_path):
         optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step))
     assert [h["lr"] for h in summary.history] == pytest.approx([0.05, 0.025, 0.0125])
+
+
+def test_cpu_info_is_asked_once_per_process(monkeypatch):
+    import cpuinfo
+
+    answers = iter([{"arch": "first"}, {"arch": "second"}])
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: next(answers))
+    runtime.cache_cpu_info()
+    runtime.cache_cpu_info()  # idempotent: not wrapped twice
+    assert cpuinfo.get_cpu_info() == {"arch": "first"} and cpuinfo.get_cpu_info() == {"arch": "first"}

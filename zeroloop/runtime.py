@@ -7,6 +7,7 @@ before ``deepspeed.initialize`` and takes it down afterwards so that every rank 
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import logging
 import os
@@ -81,9 +82,25 @@ def init_distributed() -> bool:
     ensure_rank_env()
     set_cpu_threads()
     register_exit_pause()
+    cache_cpu_info()
     started = not dist.is_initialized()
     deepspeed.init_distributed()
     return started
+
+
+def cache_cpu_info() -> None:
+    """Keep py-cpuinfo's first answer for the rest of the process.
+
+    DeepSpeed's op builders ask ``cpuinfo.get_cpu_info()`` twice per ``deepspeed.initialize``
+    and each call starts a subprocess: 1.13 s each here, 40% of a warm one-rank 2-step run.
+    The CPU does not change while the process runs.
+    """
+    try:
+        import cpuinfo
+    except ImportError:  # DeepSpeed falls back to lscpu
+        return
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
 
 
 def rank() -> int:
