@@ -187,7 +187,7 @@ class TrainerLoop:
         self.health = health or HealthPolicy()
         self.preflight = preflight
         self.checkpoint = checkpoint
-        self.checkpointer = Checkpointer(self, checkpoint) if checkpoint is not None else None
+        self.checkpointer: Checkpointer | None = None  # built by setup() when checkpoint is given
         self.activation_checkpointing = activation_checkpointing
         self.activation_handle = None  # removes the activation checkpointing setup() applied
 
@@ -241,9 +241,10 @@ class TrainerLoop:
 
         Args:
             step: optimizer steps done so far (1 after the first).
-            metrics: always ``step``, ``epoch`` and ``lr``; on logging steps (every
-                ``log.every``) also ``loss`` (mean over ranks and micro-steps),
-                ``grad_norm``, ``samples_per_sec`` and ``tokens_per_sec``.
+            metrics: always ``step``, ``epoch`` and ``lr`` (and under fp16 ``loss_scale``,
+                ``overflow``, ``skipped_steps``); on logging steps (every ``log.every``) also
+                ``loss`` (mean over ranks and micro-steps), ``grad_norm``,
+                ``samples_per_sec`` and ``tokens_per_sec``.
         """
 
     def on_evaluate(self, metrics: dict[str, Any]) -> None:
@@ -395,6 +396,8 @@ class TrainerLoop:
             return self.engine
         self._check_args()
         self._prepare_process()
+        if self.checkpoint is not None:
+            self.checkpointer = Checkpointer(self, self.checkpoint)
         self.ds_config = self._resolve_config()
         self._write_resolved_config()
         self._check_memory()
