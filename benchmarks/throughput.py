@@ -15,7 +15,9 @@ Figures per configuration (GPT size x ZeRO stage x precision):
 
 Overhead (``--overhead``): TrainerLoop against a hand-written ``engine.backward/step``
 loop on the same model, data and config, alternated round by round in one process; the
-ratio of their median step times (target <= 1.02).
+ratio of their median step times (target <= 1.02). ``--interleaved-overhead`` alternates
+them step by step instead (a hand step runs in TrainerLoop's ``on_step_end`` on a second
+engine), which keeps a shared machine's drift out of the ratio.
 
 Uses the public API only, so it doubles as an example.
 """
@@ -160,6 +162,63 @@ def overhead(size, seq_len, stage, precision, micro, steps, warmup, rounds):
             "ratio_per_round": ratios, "ratio_median": statistics.median(ratios)}
 
 
+class Interleaved(TrainerLoop):
+    """After each of its own optimizer steps, runs one hand-written step on a second engine.
+
+    Both are then timed step by step under the same conditions, so the drift and noise of
+    a shared machine hit them alike. The loop's interval runs from the end of one hand step
+    to its next ``on_step_end``: everything TrainerLoop does per step is inside it.
+    """
+
+    hand_step = None  # () -> seconds of one hand-written step, set before train()
+
+    def on_train_start(self):
+        self.own_s, self.hand_s, self._resumed_at = [], [], None
+
+    def on_step_end(self, step, metrics):
+        now = synchronized_clock()
+        if self._resumed_at is not None:
+            self.own_s.append(now - self._resumed_at)
+        self.hand_s.append(self.hand_step())
+        self._resumed_at = synchronized_clock()
+
+
+def synchronized_clock() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def hand_stepper(engine, loader):
+    """One step of ``engine(ids, labels).loss; engine.backward(loss); engine.step()``, timed."""
+    batches = iter(loader)
+
+    def step() -> float:
+        started = synchronized_clock()
+        batch = next(batches)
+        loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)).loss
+        engine.backward(loss)
+        engine.step()
+        return synchronized_clock() - started
+
+    return step
+
+
+def interleaved_overhead(size, seq_len, stage, precision, micro, steps, warmup):
+    init_distributed()
+    reference, _ = build(size, seq_len, stage, precision, micro, steps, loop_class=TrainerLoop)
+    hand_engine = reference.setup()  # the same resolved config and loader, driven by hand
+    loop, _ = build(size, seq_len, stage, precision, micro, steps, loop_class=Interleaved)
+    loop.hand_step = hand_stepper(hand_engine, reference.train_loader)
+    loop.train()
+    hand_engine.destroy()
+    own, hand = loop.own_s[warmup:], loop.hand_s[warmup + 1:]  # own_s starts at step 2
+    return {"size": size, "stage": stage, "precision": precision, "steps": len(own),
+            "zeroloop_median_s": statistics.median(own), "hand_median_s": statistics.median(hand),
+            "ratio_of_medians": statistics.median(own) / statistics.median(hand),
+            "ratio_of_means": statistics.fmean(own) / statistics.fmean(hand)}
+
+
 def median_step(times):
     return statistics.median(b - a for a, b in zip(times, times[1:]))
 
@@ -185,6 +244,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     p.add_argument("--overhead", action="store_true", help="also measure TrainerLoop against a hand-written loop")
     p.add_argument("--overhead-rounds", type=int, default=3)
+    p.add_argument("--interleaved-overhead", action="store_true",
+                   help="TrainerLoop against a hand-written loop, alternated step by step in one run")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/throughput_<device>.json)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -205,6 +266,11 @@ def main(argv=None):
                                        args.steps, args.warmup, args.overhead_rounds)
         if int(os.environ.get("RANK", 0)) == 0:
             print(json.dumps(results["overhead"]), flush=True)
+    if args.interleaved_overhead:
+        results["overhead_interleaved"] = interleaved_overhead(args.sizes[0], args.seq_len, 2, args.precisions[0],
+                                                               args.micro_batch, args.steps, args.warmup)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(json.dumps(results["overhead_interleaved"]), flush=True)
     if int(os.environ.get("RANK", 0)) == 0:
         out = args.out or os.path.join(os.path.dirname(__file__), "results", f"throughput_{device}.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)

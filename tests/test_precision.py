@@ -138,14 +138,13 @@ def test_health_policy_stops_before_deepspeed_and_warn_keeps_going():
         assert scales == [256, 128, 64, 64, 64, 64]
 
 
-def non_finite_losses(rank, precision, stage):
+def non_finite_raise(rank, precision, stage):
+    run_loop(tiny_config(stage=stage, precision=precision), steps=4, nan_at=(2, 1))
+
+
+def non_finite_skip(rank, precision, stage):
     deepspeed.init_distributed()
     config = tiny_config(stage=stage, precision=precision)
-    raised = None
-    try:
-        run_loop(config, steps=4, nan_at=(2, 1))
-    except NumericalHealthError as e:
-        raised = str(e)
     loop, summary = run_loop(config, steps=4, nan_at=(2, 1), health=HealthPolicy(non_finite="skip"))
     try:
         run_loop(config, steps=4, nan_at=(2, 1), nan_once=False,
@@ -153,19 +152,27 @@ def non_finite_losses(rank, precision, stage):
         persistent = None
     except NumericalHealthError as e:
         persistent = str(e)
-    return raised, summary.steps, summary.skipped_micro_batches, loop.weights[-1], summary.final_loss, persistent
+    return summary.steps, summary.skipped_micro_batches, loop.weights[-1], summary.final_loss, persistent
 
 
 @pytest.mark.parametrize("precision, stage", [("fp32", 0), ("bf16", 2)])
-def test_non_finite_loss_raises_or_is_skipped_in_step(precision, stage):
-    results = run_ranks(non_finite_losses, 2, precision, stage)
-    for raised, steps, skipped, _, final_loss, persistent in results:
-        assert "5 micro-batches in a row had non-finite losses" in persistent
-        assert "non-finite loss" in raised and "at optimizer step 2" in raised and "on rank(s) [1]" in raised
-        assert "micro-batch 1 of the epoch" in raised
+def test_non_finite_loss_raises_on_the_rank_that_saw_it(precision, stage):
+    with pytest.raises(RankFailure) as info:
+        run_ranks(non_finite_raise, 2, precision, stage, timeout=120)
+    assert info.value.rank == 1
+    message = str(info.value)
+    assert "NumericalHealthError: non-finite loss (nan) at optimizer step 2" in message
+    assert "micro-batch 1 of the epoch, on rank 1" in message
+
+
+@pytest.mark.parametrize("precision, stage", [("fp32", 0), ("bf16", 2)])
+def test_non_finite_loss_is_skipped_on_every_rank_in_step(precision, stage):
+    results = run_ranks(non_finite_skip, 2, precision, stage)
+    for steps, skipped, _, final_loss, persistent in results:
         assert (steps, skipped) == (4, 1)  # the NaN micro-batch dropped on both ranks, 4 steps still made
         assert math.isfinite(final_loss)
-    weights = [r[3] for r in results]
+        assert "5 micro-batches in a row had non-finite losses" in persistent
+    weights = [r[2] for r in results]
     for name in weights[0]:  # the ranks stayed in step
         assert torch.equal(weights[0][name], weights[1][name])
 

@@ -28,7 +28,7 @@ from .checkpoint import Checkpointer, CheckpointSettings
 from .config import ConfigError, Hyperparameters, batch_sizes, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
 from .metrics import MetricsLog, ProgressBar
-from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard
+from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
 
 log = logging.getLogger("zeroloop")
 
@@ -309,6 +309,8 @@ class TrainerLoop:
             True when training must stop (``max_steps`` reached, or a stop was requested).
         """
         self.global_step += 1
+        if self._nonfinite:
+            self._nonfinite.check_step(self.global_step)
         metrics = self._step_metrics(summary, window, logging_step, norm)
         bar.update(1, metrics if logging_step else None)
         self.on_step_end(self.global_step, metrics)
@@ -525,8 +527,8 @@ class TrainerLoop:
     def _build_health_checks(self) -> None:
         if self.engine.fp16_enabled():
             self._scale_monitor = LossScaleMonitor(self.engine, self.health)
-        elif self.health.non_finite != "off":
-            self._nonfinite = NonFiniteGuard(self.health, self.rank, self.world_size, self.engine.device)
+        else:
+            self._nonfinite = non_finite_guard(self.health, self.rank, self.world_size, self.engine.device)
 
     def _build_eval_loader(self):
         if self.eval_data is None:
