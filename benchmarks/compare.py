@@ -34,7 +34,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 import torch
 

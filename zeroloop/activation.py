@@ -41,6 +41,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .config import is_int
+
 BACKENDS = ("auto", "torch", "deepspeed", "hf")
 CONTAINERS = (nn.ModuleList, nn.ModuleDict)  # modules that are never called
 DS_SECTION = "activation_checkpointing"  # the DeepSpeed config section of the "deepspeed" backend
@@ -177,7 +179,7 @@ class ActivationCheckpointing:
         if self.backend not in BACKENDS:
             raise ValueError(f"activation_checkpointing.backend: must be one of {', '.join(BACKENDS)}, "
                              f"got {self.backend!r}")
-        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+        if not is_int(self.every) or self.every < 1:
             raise ValueError(f"activation_checkpointing.every: must be a positive integer, "
                              f"got {self.every!r}")
         as_policy(self.policy)  # fail here, not at set-up

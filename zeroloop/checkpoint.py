@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import numpy as np
 import torch
 
+from .config import ConfigError, is_int
 from .data import ResumableDistributedSampler, batches_per_epoch
 
 if TYPE_CHECKING:
@@ -89,14 +90,11 @@ class CheckpointSettings:
 
     def __post_init__(self):
         problems = []
-        if self.every is not None and (not isinstance(self.every, int) or isinstance(self.every, bool)
-                                       or self.every < 1):
+        if self.every is not None and (not is_int(self.every) or self.every < 1):
             problems.append(f"every: must be a positive number of optimizer steps or None, got {self.every!r}")
-        if not isinstance(self.keep, int) or isinstance(self.keep, bool) or self.keep < 1:
+        if not is_int(self.keep) or self.keep < 1:
             problems.append(f"keep: must be an integer >= 1 (checkpoints to keep), got {self.keep!r}")
         if problems:
-            from .config import ConfigError
-
             raise ConfigError(problems, subject="CheckpointSettings")
 
 

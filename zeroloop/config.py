@@ -270,8 +270,7 @@ def check_fp16(fp16: Mapping) -> list[str]:
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             problems.append(f"fp16.{key}: must be a whole number {bound}, got {value!r}")
     min_scale = fp16.get("min_loss_scale")
-    if min_scale is not None and (isinstance(min_scale, bool) or not isinstance(min_scale, numbers.Real)
-                                  or min_scale <= 0):
+    if min_scale is not None and (not is_number(min_scale) or min_scale <= 0):
         problems.append(f"fp16.min_loss_scale: must be a number > 0, got {min_scale!r}")
     for key in ("consecutive_hysteresis", "auto_cast"):
         if key in fp16 and not isinstance(fp16[key], bool):
@@ -319,7 +318,7 @@ def check_number(section: Mapping, key: str, minimum: float, prefix: str = "") -
     if key not in section or section[key] == AUTO:
         return []
     value = section[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_number(value):
         return [f"{prefix}{key}: must be a number, got {value!r} ({type(value).__name__})"]
     if value < minimum:
         return [f"{prefix}{key}: must be >= {minimum}, got {value}"]
@@ -528,6 +527,10 @@ def same_value(a: Any, b: Any) -> bool:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def suggest_int(value: Any) -> str:

@@ -43,6 +43,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from . import runtime
+from .memory import parse_size as parse_bytes
 
 log = logging.getLogger("zeroloop")
 
@@ -63,8 +64,6 @@ SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 # Keys of DeepSpeed's checkpoint dicts (deepspeed.checkpoint.constants).
 OPTIMIZER_STATE = "optimizer_state_dict"
@@ -251,15 +250,10 @@ def parse_size(size: int | str) -> int:
     Raises:
         CheckpointError: not a positive size.
     """
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
-        unit = match.group(2).upper() if match else None
-        if unit not in SIZE_UNITS:
-            raise CheckpointError(f"max_shard_size: cannot read {size!r} as a size; use bytes or a string "
-                                  "like '5GB', '500MB' or '2GiB'")
-        value = int(float(match.group(1)) * SIZE_UNITS[unit])
+    try:
+        value = parse_bytes(size)
+    except ValueError as e:
+        raise CheckpointError(f"max_shard_size: {e}") from None
     if value < 1:
         raise CheckpointError(f"max_shard_size: must be at least 1 byte, got {size!r}")
     return value

@@ -25,7 +25,7 @@ from . import runtime
 from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
 from .checkpoint import Checkpointer, CheckpointSettings
-from .config import ConfigError, Hyperparameters, batch_sizes, load_config, precision_of, resolve_config
+from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
 from .metrics import MetricsLog, ProgressBar
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
@@ -420,9 +420,9 @@ class TrainerLoop:
             problems.append("max_steps / epochs: give at least one (optimizer steps, or passes over train_data)")
         for name in ("max_steps", "epochs", "eval_every"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 problems.append(f"{name}: must be a positive integer or None, got {value!r}")
-        if not isinstance(self.log.every, int) or self.log.every < 1:
+        if not is_int(self.log.every) or self.log.every < 1:
             problems.append(f"log.every: must be a positive integer, got {self.log.every!r}")
         if not isinstance(self.model, nn.Module):
             problems.append(f"model: must be a torch.nn.Module, got {type(self.model).__name__}")

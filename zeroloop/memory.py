@@ -26,12 +26,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from .config import DEFAULT_BUCKETS, ConfigError, is_int, precision_of, resolve_buckets, zero_stage_of
+from .config import DEFAULT_BUCKETS, ConfigError, is_int, is_number, precision_of, resolve_buckets, zero_stage_of
 from .runtime import local_world_size
 
 GB = 10**9
@@ -667,7 +666,7 @@ def estimate_activations(inputs: PlanInputs) -> tuple[int, int] | None:
 def price_option(option: Option, inputs: PlanInputs, activations: tuple[int, int] | None) -> OptionPlan:
     """Bytes per device and per node for one option."""
     n, psi, trainable = inputs.world_size, inputs.params.total, inputs.params.trainable
-    p, g, k = inputs.param_bytes, inputs.param_bytes, inputs.k
+    p = g = inputs.param_bytes
     shard = n if option.stage >= 1 else 1
     on_device = option.offload_optimizer == "none"
     priced = OptionPlan(
@@ -994,8 +993,3 @@ def format_table(result: Plan) -> str:
 
 def ceil(x: float) -> int:
     return int(math.ceil(x))
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-

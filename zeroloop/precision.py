@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .config import is_int
+
 log = logging.getLogger("zeroloop")
 
 LOSS_SCALE_POLICIES = ("raise", "warn")
@@ -59,7 +61,7 @@ class HealthPolicy:
             found.append(f"health.loss_scale: must be one of {', '.join(LOSS_SCALE_POLICIES)}, got {self.loss_scale!r}")
         if self.non_finite not in NON_FINITE_POLICIES:
             found.append(f"health.non_finite: must be one of {', '.join(NON_FINITE_POLICIES)}, got {self.non_finite!r}")
-        if not isinstance(self.max_consecutive_overflows, int) or self.max_consecutive_overflows < 1:
+        if not is_int(self.max_consecutive_overflows) or self.max_consecutive_overflows < 1:
             found.append(f"health.max_consecutive_overflows: must be a positive integer, "
                          f"got {self.max_consecutive_overflows!r}")
         return found

@@ -336,6 +336,7 @@ def engine_loop(model: torch.nn.Module, config: dict, train_data: Any, steps: in
     from torch.utils.data import DataLoader, DistributedSampler
 
     from .config import resolve_config
+    from .data import move_to_device
     from .loop import loss_from_output
     from .runtime import seed_everything
 
@@ -353,7 +354,7 @@ def engine_loop(model: torch.nn.Module, config: dict, train_data: Any, steps: in
     while step < steps:
         sampler.set_epoch(epoch)
         for batch in loader:
-            value = loss(engine, _cast_floats(batch, dtype))
+            value = loss(engine, move_to_device(batch, engine.device, dtype))
             engine.backward(value)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -365,16 +366,6 @@ def engine_loop(model: torch.nn.Module, config: dict, train_data: Any, steps: in
     weights = full_parameters(engine)
     engine.destroy()
     return EngineLoopResult(losses, weights)
-
-
-def _cast_floats(batch: Any, dtype: torch.dtype | None) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if dtype is not None and batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_cast_floats(v, dtype) for v in batch)
-    return batch
 
 
 def assert_matches_engine_loop(make_loop: Callable[[torch.nn.Module], Any], make_model: Callable[[], torch.nn.Module],
