@@ -6,7 +6,9 @@ import pytest
 # One JIT build of DeepSpeed's C++ ops for the whole session (and across sessions): every
 # rank process inherits this directory.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/zeroloop/torch_extensions"))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# No DS_ACCELERATOR here: the suite runs on DeepSpeed's own choice (the GPU when there is
+# one); multi-rank tests run CPU ranks with gloo when there are fewer GPUs than ranks
+# (zeroloop.testing.choose_rank_device). DS_ACCELERATOR=cpu keeps everything on the CPU.
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ import torch
 from zeroloop import consolidate
 from zeroloop.consolidate import load_state_dict
 from zeroloop.runtime import available_cores, free_port
+from zeroloop.testing import choose_rank_device
 
 pytestmark = pytest.mark.launcher
 SCRIPT = Path(__file__).parent / "scripts" / "tiny_train.py"
@@ -30,9 +31,11 @@ def launcher(name):
     return found
 
 
-def run(command, port):
+def run(command, port, world_size=1):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
                                                             "MASTER_ADDR", "OMP_NUM_THREADS")}
+    # The launchers start one rank per GPU; with fewer GPUs than ranks, CPU ranks (as run_ranks).
+    env.update(choose_rank_device(world_size).rank_env())
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -56,10 +59,10 @@ def test_deepspeed_and_torchrun_give_the_same_two_rank_run(tmp_path):
     port = free_port()
     ds_out, tr_out = tmp_path / "deepspeed", tmp_path / "torchrun"
     output = run([launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(SCRIPT),
-                  "--out", str(ds_out)], port)
+                  "--out", str(ds_out)], port, world_size=2)
     port2 = free_port()
     run([launcher("torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-         str(port2), str(SCRIPT), "--out", str(tr_out)], port2)
+         str(port2), str(SCRIPT), "--out", str(tr_out)], port2, world_size=2)
     ds, tr = reports(ds_out, 2), reports(tr_out, 2)
     assert all(r["world_size"] == 2 for r in ds + tr)
     assert ds[0]["losses"] == ds[1]["losses"] == tr[0]["losses"] == tr[1]["losses"]
@@ -73,7 +76,8 @@ def test_main_job_under_deepspeed(tmp_path):
     out = tmp_path / "gpt"
     output = run([launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "zeroloop",
                   "train", "--steps", "6", "--max-bytes", "200000", "--seq-len", "64", "--log-every", "2",
-                  "--eval-every", "3", "--warmup", "2", "--save-every", "3", "--output-dir", str(out)], port)
+                  "--eval-every", "3", "--warmup", "2", "--save-every", "3", "--output-dir", str(out)], port,
+                 world_size=2)
     (report_line,) = [line for line in output.splitlines() if line.startswith('{"steps"')]  # rank 0 only
     report = json.loads(report_line)
     assert report["steps"] == 6 and report["final_loss"] < report["first_logged_loss"]
