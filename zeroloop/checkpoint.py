@@ -327,6 +327,26 @@ def check_compatible(manifest: dict[str, Any], tag_dir: str, *, world_size: int,
                               "position cannot be mapped: resume with the saved micro-batch size")
 
 
+def check_same_precision_mode(manifest: dict[str, Any], tag_dir: str, config: dict[str, Any]) -> None:
+    """Refuse a checkpoint saved in another precision mode: DeepSpeed's bf16 mode keeps an fp32
+    master copy in its optimizer, its autocast mode none, and neither loads the other's state.
+
+    Raises:
+        CheckpointError: the modes differ; the message names the section that pins the saved one.
+    """
+    from .autocast import MODE_SECTIONS, precision_mode
+
+    saved_config = manifest.get("ds_config")
+    if not isinstance(saved_config, dict):
+        return  # an older manifest without the config: nothing to compare
+    saved, current = precision_mode(saved_config), precision_mode(config)
+    if saved != current:
+        raise CheckpointError(f"{os.path.join(tag_dir, MANIFEST)}: saved in {saved} mode, this run's config "
+                              f"resolves to {current} mode, and DeepSpeed's optimizer states do not carry over "
+                              f"between modes: resume in the saved mode ({MODE_SECTIONS[saved]} in the config "
+                              "pins it)")
+
+
 # --- the manager -------------------------------------------------------------------------------------
 
 
@@ -598,6 +618,7 @@ class Checkpointer:
             check_compatible(manifest, tag_dir, world_size=self.loop.world_size,
                              zero_stage=int(engine.zero_optimization_stage()),
                              micro_batch_size=engine.train_micro_batch_size_per_gpu())
+            check_same_precision_mode(manifest, tag_dir, self.loop.ds_config)
             return "ok", tag_dir, manifest
         except (CheckpointError, OSError) as e:  # every rank raises it, none waits forever
             return "error", str(e), None

@@ -24,6 +24,7 @@ from torch import nn
 from . import runtime
 from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
+from .autocast import Bf16Choice, choose_for_run, left_to_zeroloop, with_mode
 from .checkpoint import Checkpointer, CheckpointSettings
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
@@ -205,6 +206,7 @@ class TrainerLoop:
         self._metrics_log: MetricsLog | None = None
         self._scale_monitor: LossScaleMonitor | None = None
         self._nonfinite: NonFiniteGuard | None = None
+        self.bf16_choice: Bf16Choice | None = None  # set by setup() when bf16 was left to zeroloop
 
     # --- what subclasses override -----------------------------------------------------
 
@@ -384,9 +386,9 @@ class TrainerLoop:
         """Build everything ``train()`` needs; runs once, later calls return the engine.
 
         Order: check arguments; prepare the process (rank variables, CPU threads, seeds,
-        process group); resolve the config and build the training loader; memory pre-flight;
-        activation checkpointing; ``deepspeed.initialize``; health checks, evaluation
-        loader, metrics file; resume from a checkpoint.
+        process group); resolve the config (and the bf16 mode) and build the training
+        loader; memory pre-flight; activation checkpointing; ``deepspeed.initialize``;
+        health checks, evaluation loader, metrics file; resume from a checkpoint.
 
         Returns:
             The ``DeepSpeedEngine`` (also ``self.engine``).
@@ -472,7 +474,17 @@ class TrainerLoop:
         problems += fp16_support_problems(resolved)
         if problems:
             raise ConfigError(problems)
-        return resolved
+        return self._choose_bf16_mode(raw, resolved)
+
+    def _choose_bf16_mode(self, raw: dict, resolved: dict) -> dict:
+        """bf16 left to zeroloop ("auto" or the loop's precision): DeepSpeed's torch_autocast
+        or its bf16 mode, by :mod:`zeroloop.autocast`'s rule. An enabled section is kept."""
+        if not left_to_zeroloop(raw, resolved):
+            return resolved
+        self.bf16_choice = choose_for_run(self.model, resolved, self.world_size)
+        if self.rank == 0:
+            log.info("bf16: %s (%s)", self.bf16_choice.mode, self.bf16_choice.reason)
+        return with_mode(resolved, self.bf16_choice.mode)
 
     def _count_total_steps(self, accum: int) -> int | None:
         if self.epochs is None:
