@@ -26,6 +26,7 @@ from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
 from .autocast import Bf16Choice, choose_for_run, left_to_zeroloop, with_mode
 from .checkpoint import Checkpointer, CheckpointSettings
+from .compiling import compile_engine, compile_requested, run_problems, setting_problems
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
 from .metrics import MetricsLog, ProgressBar
@@ -143,6 +144,10 @@ class TrainerLoop:
         activation_checkpointing: an :class:`~zeroloop.activation.ActivationCheckpointing`
             choosing the modules to checkpoint and the backend; applied in :meth:`setup`,
             before ``deepspeed.initialize`` (None: no checkpointing).
+        compile: ``torch.compile`` the model through ``engine.compile()`` (in place, so
+            parameter names stay clean): True, a dict of options (``backend``, ``mode``,
+            ``fullgraph``, ``dynamic``, ``options``), False, or None to compile exactly
+            when the config has a ``"compile"`` section (see :mod:`zeroloop.compiling`).
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -170,6 +175,7 @@ class TrainerLoop:
         preflight: bool = True,
         checkpoint: CheckpointSettings | None = None,
         activation_checkpointing: ActivationCheckpointing | None = None,
+        compile: bool | Mapping[str, Any] | None = None,
     ):
         self.model = model
         self.config = config
@@ -191,6 +197,7 @@ class TrainerLoop:
         self.checkpointer: Checkpointer | None = None  # built by setup() when checkpoint is given
         self.activation_checkpointing = activation_checkpointing
         self.activation_handle = None  # removes the activation checkpointing setup() applied
+        self.compile = compile
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
@@ -388,7 +395,8 @@ class TrainerLoop:
         Order: check arguments; prepare the process (rank variables, CPU threads, seeds,
         process group); resolve the config (and the bf16 mode) and build the training
         loader; memory pre-flight; activation checkpointing; ``deepspeed.initialize``;
-        health checks, evaluation loader, metrics file; resume from a checkpoint.
+        ``engine.compile()`` when asked; health checks, evaluation loader, metrics file;
+        resume from a checkpoint.
 
         Returns:
             The ``DeepSpeedEngine`` (also ``self.engine``).
@@ -408,6 +416,8 @@ class TrainerLoop:
         self._apply_activation_checkpointing()
         self.engine = self._build_engine()
         self._after_engine_init()
+        if compile_requested(self.compile, self.ds_config):
+            compile_engine(self.engine, self.compile)
         self._build_health_checks()
         self.eval_loader = self._build_eval_loader()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
@@ -431,6 +441,7 @@ class TrainerLoop:
         if self.loss_fn is not None and not callable(self.loss_fn):
             problems.append("loss_fn: must be callable as loss_fn(outputs, targets)")
         problems += self.health.problems()
+        problems += setting_problems(self.compile)
         if problems:
             raise ConfigError(problems, subject="TrainerLoop arguments")
 
@@ -472,6 +483,7 @@ class TrainerLoop:
         except ConfigError as e:
             raise ConfigError(e.problems + problems, source=e.source) from None
         problems += fp16_support_problems(resolved)
+        problems += run_problems(self.compile, resolved)
         if problems:
             raise ConfigError(problems)
         return self._choose_bf16_mode(raw, resolved)
