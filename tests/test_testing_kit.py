@@ -119,7 +119,13 @@ def test_the_kit_refuses_a_device_it_cannot_give(monkeypatch):
     with pytest.raises(ValueError, match="device: must be one of cpu, cuda"):
         choose_rank_device(2, "tpu")
     assert RankDevice("cpu", "").rank_env() == {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    assert RankDevice("cuda", "").rank_env() == {"DS_ACCELERATOR": "cuda"}
+    assert RankDevice("cuda", "", gpus=2).rank_env() == {"DS_ACCELERATOR": "cuda"}
+
+
+def test_cpu_ranks_beside_gpus_build_deepspeed_ops_in_their_own_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert RankDevice("cpu", "", gpus=1).rank_env()["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "cpu-ranks")
+    assert "TORCH_EXTENSIONS_DIR" not in RankDevice("cpu", "", gpus=0).rank_env()
 
 
 def test_one_gpu_and_two_ranks_run_as_cpu_ranks_with_gloo(monkeypatch, caplog):
@@ -131,7 +137,7 @@ def test_one_gpu_and_two_ranks_run_as_cpu_ranks_with_gloo(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="zeroloop"):
         results = run_ranks(reports_its_device, 2)
     assert results == [("cpu", "gloo", False, "cpu")] * 2
-    assert results.device.kind == "cpu"
+    assert results.device == RankDevice("cpu", "1 GPU for 2 ranks; device='cuda' needs 2", gpus=1)
     assert "run_ranks: 2 CPU ranks (1 GPU for 2 ranks" in caplog.text
     assert os.environ["DS_ACCELERATOR"] == "cuda"  # the parent's environment is left as it was
 

@@ -62,20 +62,36 @@ class RankDevice:
     Attributes:
         kind: ``"cuda"`` (one GPU per rank, NCCL) or ``"cpu"`` (gloo).
         reason: one line saying why, e.g. "1 GPU for 2 ranks".
+        gpus: the GPUs the calling process sees.
     """
 
     kind: str
     reason: str
+    gpus: int = 0
 
     def rank_env(self) -> dict[str, str]:
         """The variables each rank gets so that DeepSpeed picks this device.
 
         CPU ranks also hide the GPUs: DeepSpeed, torch and the loop's memory check then
-        all agree that the rank has none.
+        all agree that the rank has none. On a machine with GPUs they build DeepSpeed's
+        ops in their own folder (:func:`cpu_ops_dir`).
         """
         if self.kind == "cpu":
-            return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+            env = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+            if self.gpus:
+                env["TORCH_EXTENSIONS_DIR"] = cpu_ops_dir()
+            return env
         return {"DS_ACCELERATOR": "cuda"}
+
+
+def cpu_ops_dir() -> str:
+    """Where CPU ranks on a GPU machine build DeepSpeed's C++ ops: ``cpu-ranks`` under
+    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). DeepSpeed names its CPU
+    and its CUDA Adam op alike (``fused_adam``), so in one folder each build would replace
+    the other, a rebuild of a minute or more every time the device changes."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                 "torch_extensions")
+    return os.path.join(base, "cpu-ranks")
 
 
 class RankResults(list):
@@ -117,16 +133,16 @@ def choose_rank_device(world_size: int, device: str | None = None) -> RankDevice
         raise ValueError(f"device='cuda': {world_size} ranks need {world_size} GPUs, this process sees {gpus}; "
                          "use device='cpu' (gloo) or device=None (GPUs when there are enough, else the CPU)")
     if device is not None:
-        return RankDevice(device, f"device={device!r} was asked for")
+        return RankDevice(device, f"device={device!r} was asked for", gpus)
     accelerator = os.environ.get("DS_ACCELERATOR")
     if accelerator == "cpu":
-        return RankDevice("cpu", "DS_ACCELERATOR=cpu")
+        return RankDevice("cpu", "DS_ACCELERATOR=cpu", gpus)
     if gpus == 0:
-        return RankDevice("cpu", "no GPU")
+        return RankDevice("cpu", "no GPU", gpus)
     if gpus < world_size:
         return RankDevice("cpu", f"{gpus} GPU{'s' * (gpus != 1)} for {world_size} ranks; "
-                                 f"device='cuda' needs {world_size}")
-    return RankDevice("cuda", f"{gpus} GPUs for {world_size} ranks")
+                                 f"device='cuda' needs {world_size}", gpus)
+    return RankDevice("cuda", f"{gpus} GPUs for {world_size} ranks", gpus)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 300.0,
