@@ -78,7 +78,8 @@ def test_compiled_training_keeps_clean_names_in_checkpoints_and_weights(tmp_path
     with single_process():
         compiled = train(tmp_path / "compiled", compile=NO_CODEGEN, checkpoint=checkpoint)
     assert compiled.engine.is_compiled and not eager.engine.is_compiled
-    assert compiled.losses == eager.losses  # the same computation, traced
+    # The same computation, traced (decomposed ops may round differently on some devices).
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
     names = [name for name, _ in make_model().named_parameters()]
     model_states = torch.load(tmp_path / "compiled" / "checkpoints" / "global_step3" / "mp_rank_00_model_states.pt",
                               map_location="cpu", weights_only=False)
