@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from helpers import RegressionData, make_model
-from zeroloop import CheckpointError, CheckpointSettings, ConfigError, Hyperparameters, LogSettings, TrainerLoop
+from zeroloop import (CheckpointError, CheckpointSettings, ConfigError, Hyperparameters, LogSettings, TrainerLoop,
+                      consolidate)
 from zeroloop.autocast import (AUTOCAST_SECTION, TORCH_AUTOCAST, choose_bf16_mode, left_to_zeroloop,
                                precision_mode, with_mode)
 from zeroloop.config import resolve_config
+from zeroloop.consolidate import load_state_dict
 from zeroloop.memory import plan
 from zeroloop.testing import assert_matches_engine_loop, full_parameters, run_ranks, single_process, tiny_config
 
@@ -223,3 +225,13 @@ def test_two_ranks_train_at_every_stage_like_the_hand_loop_and_resume_exactly(tm
             assert first + rest == losses, stage
             for name, value in weights.items():
                 assert np.array_equal(value, resumed[name]), (stage, name)
+    # An autocast checkpoint consolidates to the weights the engine trained (fp32, the
+    # module's own: there is no separate master copy to prefer).
+    for stage in range(3):
+        out = tmp_path / f"consolidated{stage}"
+        consolidate(str(tmp_path / f"run{stage}" / "checkpoints"), str(out), progress=False)
+        consolidated, trained = load_state_dict(out), results[0][stage]["resume"][2][1]
+        assert consolidated.keys() == trained.keys(), stage
+        for name, value in trained.items():
+            assert consolidated[name].dtype == torch.float32 and np.array_equal(consolidated[name].numpy(), value), \
+                (stage, name)
