@@ -85,8 +85,8 @@ def model_problems(section: Mapping, model: type, prefix: str, skip: set = froze
         problems += found
         bad.update([key] if found else [])
     if not problems:
-        checked = {k: v for k, v in section.items() if k not in skip and k not in bad and v != AUTO}
-        problems += validator_problems(model, checked, prefix)
+        checked = {k: v for k, v in section.items() if k not in bad and v != AUTO}
+        problems += validator_problems(model, checked, prefix, skip)
     return problems
 
 
@@ -101,18 +101,27 @@ def unknown_key(prefix: str, key: str, model: type, fields: Mapping) -> str:
     return f"{prefix}{key}: unknown key; remove it (DeepSpeed's {model.__name__} takes {len(names)} keys{listed})"
 
 
-def validator_problems(model: type, section: Mapping, prefix: str) -> list[str]:
-    """Build the model as DeepSpeed does and report what its validators refuse."""
+def validator_problems(model: type, section: Mapping, prefix: str, skip: set = frozenset()) -> list[str]:
+    """Build the model as DeepSpeed does and report what its validators refuse (not about
+    the ``skip`` keys: those are reported elsewhere)."""
     import pydantic
 
     try:
         with quiet_deepspeed():
             model(**section)
     except pydantic.ValidationError as e:
-        return [f"{prefix}{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in e.errors()]
+        return [f"{(prefix + '.'.join(map(str, error['loc']))).rstrip('.')}: {plain(error['msg'])}"
+                for error in e.errors() if not (error["loc"] and error["loc"][0] in skip)]
     except (AssertionError, ValueError, TypeError) as e:
         return [f"{prefix[:-1]}: {e}"]
     return []
+
+
+def plain(message: str) -> str:
+    """A validator's own words, without pydantic's "Assertion failed, " or "Value error, "."""
+    for lead in ("Assertion failed, ", "Value error, "):
+        message = message.removeprefix(lead)
+    return message
 
 
 @contextlib.contextmanager
