@@ -249,3 +249,22 @@ def test_unknown_types_still_refuse_numbers_written_as_strings():
     assert value_problems("x", " 2e-5 ", Expected()) == ["x: a number written as a string (' 2e-5 '); write 2e-5 "
                                                          "without quotes"]
     assert value_problems("x", "auto", from_annotation(float)) == []  # resolved or reported by zeroloop.config
+
+
+def test_issue_examples_stop_the_loop_before_deepspeed_initialize(tmp_path, monkeypatch):
+    import deepspeed
+
+    from helpers import RegressionData, make_model
+    from zeroloop import TrainerLoop
+    from zeroloop.testing import single_process
+
+    def initialize(*args, **kwargs):
+        raise AssertionError("deepspeed.initialize was called")
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    for name, config, expected in ISSUE_EXAMPLES:
+        loop = TrainerLoop(make_model(), config, train_data=RegressionData(), output_dir=tmp_path / name,
+                           max_steps=1)
+        with single_process(), pytest.raises(ConfigError) as info:
+            loop.setup()
+        assert expected in str(info.value) and loop.engine is None, name
