@@ -158,7 +158,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    command = "deepspeed --num_gpus N benchmarks/non_finite_check.py " + " ".join(sys.argv[1:])
+    given = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    command = f"deepspeed --num_gpus {int(os.environ.get('WORLD_SIZE', 1))} benchmarks/non_finite_check.py " \
+        + " ".join(given)
     results = {"machine": machine(), "command": command.strip(), "arms": list(ARMS), "runs": []}
     rank0 = int(os.environ.get("RANK", 0)) == 0
     for accum in args.accum:
