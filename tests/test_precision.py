@@ -13,7 +13,7 @@ import torch
 
 from helpers import RegressionData, make_model
 from zeroloop import ConfigError, HealthPolicy, LogSettings, NumericalHealthError, TrainerLoop
-from zeroloop.testing import RankFailure, fp16_on_cpu, full_parameters, run_ranks, single_process, tiny_config
+from zeroloop.testing import fp16_on_cpu, full_parameters, run_ranks, single_process, tiny_config
 
 pytestmark = pytest.mark.multirank
 STEPS = 7
