@@ -40,6 +40,7 @@ import torch
 
 from .config import ConfigError, is_int
 from .data import ResumableDistributedSampler, batches_per_epoch
+from .pretrained import save_pretrained_configs
 
 if TYPE_CHECKING:
     from .loop import TrainerLoop
@@ -76,8 +77,12 @@ class CheckpointSettings:
         handle_signals: on SIGTERM/SIGINT, save at the next optimizer step and stop
             cleanly; a second signal aborts at once.
         final_weights: when training ends, also write the model as Hugging Face-layout
-            safetensors to ``output_dir/final/`` (gathered under ZeRO-3), so that most runs
-            never need ``zeroloop consolidate``.
+            safetensors to ``output_dir/final/`` (gathered under ZeRO-3), with
+            ``config.json`` (and ``generation_config.json``) for a Hugging Face model so that
+            ``from_pretrained(output_dir/final)`` loads it, and most runs never need
+            ``zeroloop consolidate``. ``"trainable"``: only the parameters with
+            ``requires_grad`` (a run with frozen parameters, e.g. LoRA adapters), as
+            ``consolidate --exclude-frozen`` writes. False: no final weights.
     """
 
     every: int | None = None
@@ -86,10 +91,12 @@ class CheckpointSettings:
     final: bool = True
     folder: str | os.PathLike = "checkpoints"
     handle_signals: bool = True
-    final_weights: bool = True
+    final_weights: bool | str = True
 
     def __post_init__(self):
         problems = []
+        if self.final_weights not in (True, False, "trainable"):
+            problems.append(f"final_weights: must be True, False or \"trainable\", got {self.final_weights!r}")
         if self.every is not None and (not is_int(self.every) or self.every < 1):
             problems.append(f"every: must be a positive number of optimizer steps or None, got {self.every!r}")
         if not is_int(self.keep) or self.keep < 1:
@@ -469,6 +476,7 @@ class Checkpointer:
 
             loop = self.loop
             save_final_weights(loop.engine, os.path.join(loop.output_dir, "final"),
+                               exclude_frozen=self.settings.final_weights == "trainable",
                                progress=loop.rank == 0 and loop.log.progress_bar)
 
     def install_signal_handlers(self) -> None:
@@ -504,6 +512,8 @@ class Checkpointer:
             shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash inside an earlier save
         dist.barrier()
         engine.save_checkpoint(self.folder, tag=tmp_tag, client_state={}, save_latest=False)
+        if loop.rank == 0:  # a Hugging Face model's config.json, for `zeroloop consolidate`
+            save_pretrained_configs(loop.model, tmp_dir)
         with open(os.path.join(tmp_dir, rank_file(loop.rank)), "w", encoding="utf-8") as f:
             json.dump({"rank": loop.rank, "global_step": loop.global_step, "rng": rng}, f)
         dist.barrier()  # every rank's files exist
