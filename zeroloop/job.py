@@ -58,6 +58,7 @@ class GPTJob:
     progress_bar: bool = True
     save_every: int | None = None  # optimizer steps between checkpoints; None: no checkpoints
     resume: str | None = None  # "latest" or a checkpoint path (turns checkpointing on)
+    weight_decay_groups: bool = True  # no weight decay on biases and LayerNorm weights
     gpt_overrides: dict = field(default_factory=dict)
 
     def ds_config(self) -> Any:
@@ -94,6 +95,7 @@ def build_gpt_loop(job: GPTJob) -> TrainerLoop:
     return TrainerLoop(model, job.ds_config(), train_data=train_set, eval_data=eval_set,
                        output_dir=job.output_dir, max_steps=job.steps, seed=job.seed,
                        hparams=job.hparams(), eval_every=job.eval_every, checkpoint=job.checkpoint(),
+                       weight_decay_groups=job.weight_decay_groups,
                        log=LogSettings(every=job.log_every, progress_bar=job.progress_bar))
 
 

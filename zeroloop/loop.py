@@ -28,6 +28,7 @@ from .checkpoint import Checkpointer, CheckpointSettings
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
 from .metrics import MetricsLog, ProgressBar
+from .param_groups import trainable_parameters, weight_decay_groups
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
 
 log = logging.getLogger("zeroloop")
@@ -142,6 +143,9 @@ class TrainerLoop:
         activation_checkpointing: an :class:`~zeroloop.activation.ActivationCheckpointing`
             choosing the modules to checkpoint and the backend; applied in :meth:`setup`,
             before ``deepspeed.initialize`` (None: no checkpointing).
+        weight_decay_groups: give biases and normalization weights no weight decay (two
+            optimizer groups, see :meth:`parameter_groups`); False: one group, as a
+            hand-written ``deepspeed.initialize(model_parameters=model.parameters())``.
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -169,6 +173,7 @@ class TrainerLoop:
         preflight: bool = True,
         checkpoint: CheckpointSettings | None = None,
         activation_checkpointing: ActivationCheckpointing | None = None,
+        weight_decay_groups: bool = False,
     ):
         self.model = model
         self.config = config
@@ -190,6 +195,7 @@ class TrainerLoop:
         self.checkpointer: Checkpointer | None = None  # built by setup() when checkpoint is given
         self.activation_checkpointing = activation_checkpointing
         self.activation_handle = None  # removes the activation checkpointing setup() applied
+        self.weight_decay_groups = weight_decay_groups
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
@@ -232,6 +238,23 @@ class TrainerLoop:
         else:
             output = self.engine(batch)
         return loss_from_output(output)
+
+    def parameter_groups(self) -> list:
+        """What the optimizer is built on (``deepspeed.initialize(model_parameters=...)``).
+
+        Override to group parameters your way: return parameters, or ``{"params": [...],
+        ...}`` dicts whose other keys (``lr``, ``weight_decay``...) override the optimizer's
+        (the config's ``optimizer.params``, ``"auto"`` resolved) for that group.
+
+        Returns:
+            By default the trainable parameters as one group; with
+            ``weight_decay_groups=True``, :func:`zeroloop.param_groups.weight_decay_groups`:
+            the decayed parameters, then biases and normalization weights with
+            ``weight_decay=0.0``.
+        """
+        if self.weight_decay_groups:
+            return weight_decay_groups(self.model)
+        return trainable_parameters(self.model)
 
     def on_train_start(self) -> None:
         """Called once, after set-up and before the first batch."""
@@ -509,7 +532,7 @@ class TrainerLoop:
 
         engine, _, _, _ = deepspeed.initialize(
             model=self.model,
-            model_parameters=[p for p in self.model.parameters() if p.requires_grad],
+            model_parameters=self.parameter_groups(),
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             config=self.ds_config,
