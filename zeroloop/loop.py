@@ -27,7 +27,8 @@ from .activation import apply as apply_activation_checkpointing
 from .checkpoint import Checkpointer, CheckpointSettings
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
-from .metrics import MetricsLog, ProgressBar
+from .metrics import CustomMetrics, MetricsLog, ProgressBar
+from .monitors import MonitorFeed, missing_package_problems, with_output_paths
 from .param_groups import trainable_parameters, weight_decay_groups
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
 
@@ -211,6 +212,8 @@ class TrainerLoop:
         self._metrics_log: MetricsLog | None = None
         self._scale_monitor: LossScaleMonitor | None = None
         self._nonfinite: NonFiniteGuard | None = None
+        self._custom_metrics = CustomMetrics()
+        self._monitor: MonitorFeed | None = None
 
     # --- what subclasses override -----------------------------------------------------
 
@@ -256,6 +259,27 @@ class TrainerLoop:
             return weight_decay_groups(self.model)
         return trainable_parameters(self.model)
 
+    def log_metrics(self, metrics: Mapping[str, Any], *, mean_over_ranks: bool = False) -> None:
+        """Add your own metrics to the next logged record: ``metrics.jsonl``, the monitors
+        and ``summary.history``.
+
+        Call it from :meth:`compute_loss` or any hook, as often as you like: each name is
+        reported as its mean over the calls since the last logging step (every
+        ``log.every`` optimizer steps; ``on_step_end`` of a logging step still counts).
+        Called during :meth:`evaluate` (from ``compute_loss``), the means go into the
+        evaluation's record as ``eval_<name>`` instead.
+
+        Args:
+            metrics: ``{name: number}``; 0-d tensors are read with ``.item()`` (a device sync).
+            mean_over_ranks: also average over ranks (one all-reduce per logging step for all
+                such names); every rank must then log the same names. Otherwise rank 0's
+                values are reported.
+
+        Raises:
+            TypeError: a value is not a number.
+        """
+        self._custom_metrics.add(dict(metrics), mean_over_ranks)
+
     def on_train_start(self) -> None:
         """Called once, after set-up and before the first batch."""
 
@@ -267,7 +291,8 @@ class TrainerLoop:
             metrics: always ``step``, ``epoch`` and ``lr`` (and under fp16 ``loss_scale``,
                 ``overflow``, ``skipped_steps``); on logging steps (every ``log.every``) also
                 ``loss`` (mean over ranks and micro-steps), ``grad_norm``,
-                ``samples_per_sec`` and ``tokens_per_sec``.
+                ``samples_per_sec`` and ``tokens_per_sec``. On a logging step the record is
+                written after this hook, with what :meth:`log_metrics` added.
         """
 
     def on_evaluate(self, metrics: dict[str, Any]) -> None:
@@ -337,6 +362,8 @@ class TrainerLoop:
         metrics = self._step_metrics(summary, window, logging_step, norm)
         bar.update(1, metrics if logging_step else None)
         self.on_step_end(self.global_step, metrics)
+        if logging_step:
+            self._write_record(metrics, summary)
         if self._evaluation_due():
             summary.eval_loss = self.evaluate()["eval_loss"]
         if self.checkpointer is not None and self.checkpointer.step_end():
@@ -345,18 +372,24 @@ class TrainerLoop:
 
     def _step_metrics(self, summary: TrainSummary, window: _Window, logging_step: bool,
                       norm: float | None) -> dict[str, Any]:
-        """This step's metrics; on logging steps, also averaged over ranks and written out."""
+        """This step's metrics; on logging steps, also the window's, averaged over ranks."""
         metrics = {"step": self.global_step, "epoch": self.epoch, "lr": self.current_lr()}
         if self._scale_monitor:
             metrics.update(self._scale_monitor.after_step(self.global_step))
         if logging_step:
             metrics.update(self._reduce_window(window, summary))
             metrics["grad_norm"] = grad_norm_of(self.engine, fallback=norm)
-            self._metrics_log.write(metrics)
-            summary.history.append(metrics)
             summary.final_loss = metrics["loss"]
             window.reset()
         return metrics
+
+    def _write_record(self, metrics: dict[str, Any], summary: TrainSummary) -> None:
+        """A logging step's record, with the custom metrics, to metrics.jsonl, the monitors
+        and the history."""
+        metrics.update(self._custom_metrics.reduce(self.engine.device))
+        self._metrics_log.write(metrics)
+        self._monitor.write(metrics)
+        summary.history.append(metrics)
 
     def _evaluation_due(self) -> bool:
         return bool(self.eval_every) and self.global_step % self.eval_every == 0
@@ -382,6 +415,8 @@ class TrainerLoop:
         engine = self.setup()
         if self.eval_loader is None:
             raise RuntimeError("evaluate() needs eval_data; pass it to TrainerLoop")
+        # What log_metrics receives while evaluating goes into this record, not the training one.
+        training_metrics, self._custom_metrics = self._custom_metrics, CustomMetrics()
         engine.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss*samples, samples
         with torch.no_grad():
@@ -393,7 +428,10 @@ class TrainerLoop:
         engine.train()
         dist.all_reduce(totals)
         metrics = {"step": self.global_step, "eval_loss": (totals[0] / totals[1].clamp(min=1)).item()}
+        metrics.update({f"eval_{name}": value for name, value in self._custom_metrics.reduce(engine.device).items()})
+        self._custom_metrics = training_metrics
         self._metrics_log.write(metrics)
+        self._monitor.write(metrics)
         self.on_evaluate(metrics)
         return metrics
 
@@ -433,6 +471,7 @@ class TrainerLoop:
         self.eval_loader = self._build_eval_loader()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
                                        enabled=self.rank == 0)
+        self._monitor = MonitorFeed(self.engine, self.rank)
         if self.checkpointer is not None:
             self.checkpointer.resume()
         return self.engine
@@ -492,10 +531,10 @@ class TrainerLoop:
                                       hidden_size=hidden_size_of(self.model))
         except ConfigError as e:
             raise ConfigError(e.problems + problems, source=e.source) from None
-        problems += fp16_support_problems(resolved)
+        problems += fp16_support_problems(resolved) + missing_package_problems(resolved)
         if problems:
             raise ConfigError(problems)
-        return resolved
+        return with_output_paths(resolved, self.output_dir)
 
     def _count_total_steps(self, accum: int) -> int | None:
         if self.epochs is None:
