@@ -23,8 +23,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "gradient_accumulation_steps": "auto",
     "train_batch_size": "auto",
     "gradient_clipping": 1.0,
+    # torch_adam: torch's AdamW, which needs no C++ build (DeepSpeed's FusedAdam compiles one
+    # on first use: a minute or more on a CPU before the first step).
     "optimizer": {"type": "AdamW",
-                  "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
+                  "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                             "torch_adam": True}},
     "scheduler": {"type": "WarmupDecayLR",
                   "params": {"warmup_min_lr": 0.0, "warmup_max_lr": "auto", "warmup_num_steps": "auto",
                              "total_num_steps": "auto"}},

@@ -29,6 +29,7 @@ from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_conf
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
 from .metrics import CustomMetrics, MetricsLog, ProgressBar
 from .monitors import MonitorFeed, missing_package_problems, with_output_paths
+from .ops import announce_builds
 from .param_groups import trainable_parameters, weight_decay_groups
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
 
@@ -569,6 +570,7 @@ class TrainerLoop:
     def _build_engine(self):
         import deepspeed
 
+        announce_builds(self.ds_config, self.rank)  # DeepSpeed compiles its C++ ops silently
         engine, _, _, _ = deepspeed.initialize(
             model=self.model,
             model_parameters=self.parameter_groups(),
