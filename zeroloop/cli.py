@@ -1,7 +1,7 @@
 """The ``zeroloop`` command line.
 
 ``zeroloop --version``; ``zeroloop train`` runs the bundled byte-level GPT job. Launch it
-on several ranks with ``deepspeed --num_gpus 2 --module zeroloop train`` or
+on several ranks with ``deepspeed -q --num_gpus 2 --module zeroloop train`` or
 ``torchrun --nproc_per_node 2 -m zeroloop train``.
 """
 
@@ -46,7 +46,9 @@ def add_train_command(commands) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps (default %(default)s)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="text files or folders to train on")
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of text")
-    p.add_argument("--config", default=None, help="a DeepSpeed JSON config replacing the built-in one")
+    # --deepspeed / --deepspeed_config: the names launch lines of DeepSpeed and Hugging Face scripts use.
+    p.add_argument("--config", "--deepspeed", "--deepspeed_config", dest="config", default=None, metavar="JSON",
+                   help="a DeepSpeed JSON config replacing the built-in one")
     p.add_argument("--output-dir", default=d.output_dir)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
