@@ -26,9 +26,11 @@ def corpus() -> ByteCorpus:
     return ByteCorpus(read_corpus(max_bytes=20_000), 16)
 
 
-def adamw_config(stage: int) -> dict:
+def adamw_config(stage: int, torch_adam: bool = False) -> dict:
+    """AdamW from the config: DeepSpeed's FusedAdam, or torch's with ``torch_adam`` (the bundled job's)."""
+    params = {"lr": "auto", "weight_decay": WEIGHT_DECAY, **({"torch_adam": True} if torch_adam else {})}
     return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": WEIGHT_DECAY}},
+            "optimizer": {"type": "AdamW", "params": params},
             "zero_optimization": {"stage": stage}, "steps_per_print": 1_000_000}
 
 
@@ -88,8 +90,8 @@ def train_gpt(output_dir, steps, checkpoint=None):
         def on_train_end(self, summary):
             self.weights = {k: v.numpy() for k, v in full_parameters(self.engine).items()}
 
-    loop = KeepWeights(small_gpt(), adamw_config(3), train_data=corpus(), output_dir=output_dir, max_steps=steps,
-                       hparams=Hyperparameters(lr=LR), weight_decay_groups=True, checkpoint=checkpoint,
+    loop = KeepWeights(small_gpt(), adamw_config(3, torch_adam=True), train_data=corpus(), output_dir=output_dir,
+                       max_steps=steps, hparams=Hyperparameters(lr=LR), weight_decay_groups=True, checkpoint=checkpoint,
                        log=LogSettings(every=1, progress_bar=False))
     summary = loop.train()
     return {"losses": [r["loss"] for r in summary.history], "weights": loop.weights}
@@ -107,7 +109,8 @@ def groups_ranks(rank, root):
         engine = loop.setup()
         groups[stage] = [(g["lr"], g["weight_decay"]) for g in basic_optimizer(engine).param_groups]
         teardown(engine, destroy_process_group=False)
-    # Through a resume (ZeRO-3): stop at step 3, resume to 6, compare with 6 straight steps.
+    # Through a resume (ZeRO-3, torch's AdamW as in the bundled job): stop at step 3, resume to
+    # 6, compare with 6 straight steps.
     straight = train_gpt(os.path.join(root, "straight"), 6)
     run_dir = os.path.join(root, "resumed")
     first = train_gpt(run_dir, 3, CheckpointSettings(final_weights=False))

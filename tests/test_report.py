@@ -24,8 +24,8 @@ def short_gpt_run(output_dir, lr):
                                                                  "total_num_steps": "auto"}},
               "zero_optimization": {"stage": 1}, "steps_per_print": 1_000_000}
     with single_process():
-        TrainerLoop(model, config, train_data=ByteCorpus(text[:50_000], 32), eval_data=ByteCorpus(text[50_000:], 32),
-                    output_dir=output_dir, max_steps=12, eval_every=4, hparams=Hyperparameters(lr=lr),
+        TrainerLoop(model, config, train_data=ByteCorpus(text[:50_000], 32),
+                    eval_data=ByteCorpus(text[50_000:], 32), output_dir=output_dir, max_steps=12, eval_every=4, hparams=Hyperparameters(lr=lr),
                     log=LogSettings(every=2, progress_bar=False)).train()
 
 
@@ -61,7 +61,8 @@ def test_report_reads_train_and_eval_records_in_step_order(two_runs):
 
 
 def test_repeated_steps_keep_the_last_record(tmp_path):
-    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.2}]
+    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "loss": 2.0},
+             {"step": 2, "eval_loss": 2.2}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     run = read_run(tmp_path)
     assert run.series("loss") == ([1, 2], [3.0, 2.0])

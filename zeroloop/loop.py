@@ -429,8 +429,8 @@ class TrainerLoop:
         engine.train()
         dist.all_reduce(totals)
         metrics = {"step": self.global_step, "eval_loss": (totals[0] / totals[1].clamp(min=1)).item()}
-        metrics.update({f"eval_{name}": value for name, value in self._custom_metrics.reduce(engine.device).items()})
-        self._custom_metrics = training_metrics
+        logged, self._custom_metrics = self._custom_metrics, training_metrics
+        metrics.update({f"eval_{name}": value for name, value in logged.reduce(engine.device).items()})
         self._metrics_log.write(metrics)
         self._monitor.write(metrics)
         self.on_evaluate(metrics)

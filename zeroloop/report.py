@@ -71,7 +71,8 @@ def read_run(run_dir: str | os.PathLike, metrics_file: str = "metrics.jsonl") ->
             try:
                 record = json.loads(line)
             except ValueError:
-                raise ConfigError([f"{path}:{number}: not a JSON line"], subject="zeroloop report arguments") from None
+                raise ConfigError([f"{path}:{number}: not a JSON line"],
+                                  subject="zeroloop report arguments") from None
             if "eval_loss" in record:
                 evals[record["step"]] = record
             elif "loss" in record:
