@@ -6,8 +6,9 @@ Each measurement is a fresh process tree, so every import counts:
   (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, OMP_NUM_THREADS=1), spawned together;
   the wall time is until both have finished their first step.
 Cold op cache: ``TORCH_EXTENSIONS_DIR`` is a fresh empty temp dir, so DeepSpeed JIT-builds
-the ops it loads (on CPU: the shm all-reduce op for 2 ranks, the CPU Adam kernels) before
-the first step. Warm: the default cache, already built by an earlier run.
+the ops it loads (on CPU: FusedAdam's CPU kernels, for the config's AdamW; before zeroloop
+skipped it, also the shm all-reduce op for 2 ranks) before the first step. Warm: the default
+cache, already built by an earlier run.
 
 Breakdown reported by rank 0 (seconds, ``time.perf_counter``): ``import deepspeed``,
 ``import zeroloop`` (after deepspeed), ``TrainerLoop.setup()`` (which runs
