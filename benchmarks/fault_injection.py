@@ -186,8 +186,7 @@ def check_after_kill(folder: str, reported: set[int]) -> tuple[int | None, list[
 def run_driver(args) -> int:
     rng = random.Random(args.seed)
     work = tempfile.mkdtemp(prefix="zeroloop-faults-")
-    env_defaults = {"DS_ACCELERATOR": "cpu",
-                    "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/zeroloop/torch_extensions")}
+    env_defaults = {"DS_ACCELERATOR": "cpu"}  # C++ ops: torch's default cache, shared with every run
     for key, value in env_defaults.items():
         os.environ.setdefault(key, value)
     started = time.monotonic()

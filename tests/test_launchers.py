@@ -71,10 +71,17 @@ def test_deepspeed_and_torchrun_give_the_same_two_rank_run(tmp_path):
     assert "OMP_NUM_THREADS was unset" in output
 
 
+def foreign_lines(output):
+    """Output lines zeroloop did not print (its log lines, the progress bar, the JSON report)."""
+    lines = [part.strip() for line in output.splitlines() for part in line.split("\r")]
+    return [line for line in lines if line and not line.startswith(("[zeroloop]", "train:", '{"steps"'))]
+
+
 def test_main_job_under_deepspeed(tmp_path):
     port = free_port()
     out = tmp_path / "gpt"
-    output = run([launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "zeroloop",
+    # -q as in the README: the launcher's own INFO lines (about 10) stay out.
+    output = run([launcher("deepspeed"), "-q", "--num_gpus", "2", "--master_port", str(port), "--module", "zeroloop",
                   "train", "--steps", "6", "--max-bytes", "200000", "--seq-len", "64", "--log-every", "2",
                   "--eval-every", "3", "--warmup", "2", "--save-every", "3", "--output-dir", str(out)], port,
                  world_size=2)
@@ -86,6 +93,10 @@ def test_main_job_under_deepspeed(tmp_path):
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
     resolved = json.loads((out / "ds_config.resolved.json").read_text())
     assert resolved["zero_optimization"]["stage"] == 2 and resolved["train_batch_size"] == 32
+    # Quiet: at most DeepSpeed's accelerator notice from the launcher, its child and rank 0;
+    # each zeroloop message once, not once per rank (checkpoints at steps 3 and 6).
+    assert len(foreign_lines(output)) <= 3, foreign_lines(output)
+    assert output.count("checkpoint saved") == 2
 
     # Checkpoints every 3 steps; the final weights, written by the loop, equal what
     # consolidating the last checkpoint gives.
@@ -95,3 +106,12 @@ def test_main_job_under_deepspeed(tmp_path):
     assert final.keys() == consolidated.keys() and "lm_head.weight" in final
     for name in final:
         assert torch.equal(final[name], consolidated[name]), name
+
+
+@pytest.mark.parametrize("flag", ["--config", "--deepspeed", "--deepspeed_config"])
+def test_train_takes_the_config_under_deepspeeds_names(flag):
+    from zeroloop.cli import build_parser
+
+    # As the deepspeed launcher passes it: --local_rank first, then the script's own arguments.
+    args = build_parser().parse_args(["--local_rank=1", "train", flag, "ds_config.json", "--steps", "3"])
+    assert args.config == "ds_config.json" and args.steps == 3

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, is_int
+from .pretrained import save_pretrained_configs
 from .state import TrainState
 
 log = logging.getLogger("zeroloop")
@@ -74,8 +75,12 @@ class CheckpointSettings:
         handle_signals: on SIGTERM/SIGINT, save at the next optimizer step and stop
             cleanly; a second signal aborts at once.
         final_weights: when training ends, also write the model as Hugging Face-layout
-            safetensors to ``output_dir/final/`` (gathered under ZeRO-3), so that most runs
-            never need ``zeroloop consolidate``.
+            safetensors to ``output_dir/final/`` (gathered under ZeRO-3), with
+            ``config.json`` (and ``generation_config.json``) for a Hugging Face model so that
+            ``from_pretrained(output_dir/final)`` loads it, and most runs never need
+            ``zeroloop consolidate``. ``"trainable"``: only the parameters with
+            ``requires_grad`` (a run with frozen parameters, e.g. LoRA adapters), as
+            ``consolidate --exclude-frozen`` writes. False: no final weights.
     """
 
     every: int | None = None
@@ -84,10 +89,12 @@ class CheckpointSettings:
     final: bool = True
     folder: str | os.PathLike = "checkpoints"
     handle_signals: bool = True
-    final_weights: bool = True
+    final_weights: bool | str = True
 
     def __post_init__(self):
         problems = []
+        if self.final_weights not in (True, False, "trainable"):
+            problems.append(f"final_weights: must be True, False or \"trainable\", got {self.final_weights!r}")
         if self.every is not None and (not is_int(self.every) or self.every < 1):
             problems.append(f"every: must be a positive number of optimizer steps or None, got {self.every!r}")
         if not is_int(self.keep) or self.keep < 1:
@@ -529,7 +536,8 @@ class Checkpointer:
         if self.settings.final_weights:
             from .consolidate import save_final_weights
 
-            save_final_weights(self.engine, os.path.join(self.output_dir, "final"), progress=progress)
+            save_final_weights(self.engine, os.path.join(self.output_dir, "final"),
+                               exclude_frozen=self.settings.final_weights == "trainable", progress=progress)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT ask for a save and a clean stop; a second one aborts at once."""
@@ -563,6 +571,8 @@ class Checkpointer:
             shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash inside an earlier save
         dist.barrier()
         self.engine.save_checkpoint(self.folder, tag=tmp_tag, client_state={}, save_latest=False)
+        if self.rank == 0:  # a Hugging Face model's config.json, for `zeroloop consolidate`
+            save_pretrained_configs(self.engine.module, tmp_dir)
         with open(os.path.join(tmp_dir, rank_file(self.rank)), "w", encoding="utf-8") as f:
             json.dump({"rank": self.rank, "global_step": self.state.step, "rng": rng}, f)
         dist.barrier()  # every rank's files exist

@@ -79,11 +79,14 @@ def init_distributed() -> bool:
     import deepspeed
     import deepspeed.comm as dist
 
+    from .ops import skip_unused_builds
+
     ensure_rank_env()
     set_cpu_threads()
     register_exit_pause()
     cache_cpu_info()
     started = not dist.is_initialized()
+    skip_unused_builds()  # the CPU shm all-reduce op: a minute of compiling that training never uses
     deepspeed.init_distributed()
     return started
 
