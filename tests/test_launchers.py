@@ -1,6 +1,8 @@
-"""The same script under plain python, the deepspeed launcher and torchrun; the main job.
+"""The same script under plain python, the deepspeed launcher and torchrun; the main job;
+failures under the deepspeed launcher.
 
-Each run must exit 0 on every rank, abort nowhere, and leave nothing in /dev/shm.
+Each run must exit 0 on every rank, abort nowhere, and leave nothing in /dev/shm; a run that
+fails, wherever it fails, must leave nothing in /dev/shm either.
 """
 
 import json
@@ -16,9 +18,11 @@ import torch
 from zeroloop import consolidate
 from zeroloop.consolidate import load_state_dict
 from zeroloop.runtime import available_cores, free_port
+from zeroloop.testing import remove_shm_buffers
 
 pytestmark = pytest.mark.launcher
 SCRIPT = Path(__file__).parent / "scripts" / "tiny_train.py"
+FAILING_SCRIPT = Path(__file__).parent / "scripts" / "failing_train.py"
 TIMEOUT_S = 300
 
 
@@ -30,15 +34,22 @@ def launcher(name):
     return found
 
 
+def launcher_env():
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                             "MASTER_ADDR", "OMP_NUM_THREADS")}
+
+
+def shm_buffers_of(port):
+    """The DeepSpeed /dev/shm buffers of the run on ``port`` (their names end in _<port>_<rank>)."""
+    return [p for p in os.listdir("/dev/shm") if p.endswith(f"_{port}_0") or p.endswith(f"_{port}_1")]
+
+
 def run(command, port):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                            "MASTER_ADDR", "OMP_NUM_THREADS")}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=launcher_env())
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "terminate called" not in output and "Traceback" not in output, output[-4000:]
-    leftovers = [p for p in os.listdir("/dev/shm") if p.endswith(f"_{port}_0") or p.endswith(f"_{port}_1")]
-    assert not leftovers, leftovers
+    assert not shm_buffers_of(port)
     return output
 
 
@@ -91,3 +102,29 @@ def test_main_job_under_deepspeed(tmp_path):
     assert final.keys() == consolidated.keys() and "lm_head.weight" in final
     for name in final:
         assert torch.equal(final[name], consolidated[name]), name
+
+
+# What each failure of failing_train.py prints, to show the run failed where it was meant to.
+FAILURE_MESSAGES = {
+    "config": "given both to the loop and in the config",  # before deepspeed.initialize
+    "scheduler": "WarmupCosine",
+    "monitor": "wandb",
+    "optimizer": "the client optimizer factory failed on purpose",  # inside deepspeed.initialize
+    "resume": "no-such-checkpoint",  # after it
+    "step": "compute_loss failed on purpose",  # in the training loop
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURE_MESSAGES))
+def test_a_failure_under_deepspeed_leaves_nothing_in_dev_shm(failure, tmp_path):
+    port = free_port()
+    try:
+        result = subprocess.run([launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+                                 str(FAILING_SCRIPT), "--out", str(tmp_path), "--fail", failure],
+                                capture_output=True, text=True, timeout=TIMEOUT_S, env=launcher_env())
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output[-4000:]
+        assert FAILURE_MESSAGES[failure] in output, output[-4000:]
+        assert not shm_buffers_of(port)
+    finally:
+        remove_shm_buffers(port)  # keep later tests independent of this one's result

@@ -405,7 +405,6 @@ class TrainerLoop:
         self._check_memory()
         self._apply_activation_checkpointing()
         self.engine = self._build_engine()
-        self._after_engine_init()
         self._build_health_checks()
         self.eval_loader = self._build_eval_loader()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
@@ -515,14 +514,6 @@ class TrainerLoop:
             config=self.ds_config,
         )
         return engine
-
-    def _after_engine_init(self) -> None:
-        import deepspeed.comm as dist
-
-        # Every peer has mapped this rank's /dev/shm buffer once all ranks pass the
-        # barrier after init; its name can go now (the mappings stay valid).
-        dist.barrier()
-        runtime.unlink_own_shm_buffer()
 
     def _build_health_checks(self) -> None:
         if self.engine.fp16_enabled():
