@@ -313,3 +313,23 @@ def test_first_signal_asks_to_stop_and_second_aborts(tmp_path):
     finally:
         checkpointer.remove_signal_handlers()
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_repeated_sigterm_is_ignored_and_sigint_after_it_only_asks_to_stop(tmp_path):
+    # SLURM signals every process and the launcher forwards its own copy: a rank gets
+    # several SIGTERMs for one stop, and none of them may kill it half-way through its save.
+    checkpointer = Checkpointer(TrainerLoop(make_model(0), tiny_config(), train_data=RegressionData(8),
+                                            output_dir=tmp_path, max_steps=1), CheckpointSettings())
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    checkpointer.install_signal_handlers()
+    try:
+        for signum in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+            signal.raise_signal(signum)
+        assert checkpointer._stop_requested
+        assert signal.getsignal(signal.SIGTERM) == checkpointer._on_signal  # still ours
+        with pytest.raises(KeyboardInterrupt):  # the second SIGINT
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        checkpointer.remove_signal_handlers()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

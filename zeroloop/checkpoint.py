@@ -74,7 +74,8 @@ class CheckpointSettings:
         final: save a checkpoint when training ends.
         folder: where checkpoints go; relative paths are under the loop's ``output_dir``.
         handle_signals: on SIGTERM/SIGINT, save at the next optimizer step and stop
-            cleanly; a second signal aborts at once.
+            cleanly; a second SIGINT aborts at once, a repeated SIGTERM is ignored
+            (launchers and schedulers send it more than once).
         final_weights: when training ends, also write the model as Hugging Face-layout
             safetensors to ``output_dir/final/`` (gathered under ZeRO-3), so that most runs
             never need ``zeroloop consolidate``.
@@ -350,6 +351,7 @@ class Checkpointer:
         self.last_saved_step: int | None = None
         self._skip_batches = 0  # micro-batches to skip at the start of the next epoch pass
         self._stop_requested = False
+        self._interrupted = False  # a SIGINT was received: the next one aborts
         self._previous_handlers: dict[int, Any] = {}
 
     @property
@@ -472,7 +474,14 @@ class Checkpointer:
                                progress=loop.rank == 0 and loop.log.progress_bar)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT ask for a save and a clean stop; a second one aborts at once."""
+        """SIGTERM/SIGINT ask for a save and a clean stop; a second SIGINT aborts at once.
+
+        A repeated SIGTERM is logged and ignored: a rank often gets several for one stop
+        (SLURM signals every process of the job and the launcher forwards its own copy;
+        a launcher that exits makes the rank send itself one), and the last of them must
+        not kill a rank half-way through its save. The scheduler's SIGKILL at the end of
+        its grace period remains the hard stop; a second Ctrl-C (SIGINT) is the user's.
+        """
         if not self.settings.handle_signals:
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -655,13 +664,18 @@ class Checkpointer:
         return bool(flag.item())
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_requested:  # the second signal: abort at once
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self._interrupted:  # a second Ctrl-C: abort at once
             self.remove_signal_handlers()
             signal.raise_signal(signum)
             return
+        self._interrupted = self._interrupted or signum == signal.SIGINT
+        if self._stop_requested:
+            log.info("%s received again: already saving and stopping (SIGINT twice aborts at once)", name)
+            return
         self._stop_requested = True
         log.warning("%s received: saving a checkpoint at the next optimizer step, then stopping "
-                    "(send it again to abort at once)", signal.Signals(signum).name)
+                    "(a second SIGINT aborts at once)", name)
 
 
 def replay_cpu_adam_bias_corrections(engine) -> int:

@@ -284,20 +284,18 @@ class TrainerLoop:
                     break
             if window.micro_steps:  # a tail since the last logged step
                 summary.final_loss = self._reduce_window(window, summary)["loss"]
+            bar.close()
+
+            self._complete_summary(summary, time.perf_counter() - started)
+            if self.eval_loader is not None and not self._evaluation_due():
+                summary.eval_loss = self.evaluate()["eval_loss"]
+            if self.checkpointer is not None:
+                self.checkpointer.finish()
+            self.on_train_end(summary)
         except BaseException:
+            bar.close()
             self._finish(clean=False)
             raise
-        finally:
-            bar.close()
-            if self.checkpointer is not None:
-                self.checkpointer.remove_signal_handlers()
-
-        self._complete_summary(summary, time.perf_counter() - started)
-        if self.eval_loader is not None and not self._evaluation_due():
-            summary.eval_loss = self.evaluate()["eval_loss"]
-        if self.checkpointer is not None:
-            self.checkpointer.finish()
-        self.on_train_end(summary)
         self._finish()
         return summary
 
@@ -606,6 +604,10 @@ class TrainerLoop:
         if self._metrics_log is not None:
             self._metrics_log.close()
         runtime.teardown(self.engine, destroy_process_group=self._owns_process_group, barrier=clean)
+        # Only now: a launcher forwards SIGTERM again while the ranks save and export, and
+        # that must not kill them half-way (the handler ignores a repeated SIGTERM).
+        if self.checkpointer is not None:
+            self.checkpointer.remove_signal_handlers()
 
 
 def fp16_support_problems(config: Mapping[str, Any]) -> list[str]:

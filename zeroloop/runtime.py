@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+from .launcher import watch_launcher
+
 log = logging.getLogger("zeroloop")
 if not log.handlers:  # visible by default, like DeepSpeed's own logger; silence with setLevel
     _handler = logging.StreamHandler()
@@ -69,10 +71,11 @@ def init_distributed() -> bool:
     """Start the process group the way ``TrainerLoop`` does, for scripts that want to keep it.
 
     Fills in the rank variables of a plain ``python`` run, splits the CPU threads between
-    local ranks, registers the exit pause, calls ``deepspeed.init_distributed()`` and
-    unlinks this rank's /dev/shm buffer (:func:`release_shm_buffer`), so that no failure
-    later in the run can leave it behind. A loop started afterwards reuses the group and
-    leaves it up; end it with :func:`teardown` (``engine=None``).
+    local ranks, registers the exit pause, calls ``deepspeed.init_distributed()``, unlinks
+    this rank's /dev/shm buffer (:func:`release_shm_buffer`), so that no failure later in
+    the run can leave it behind, and starts watching the launcher
+    (:func:`zeroloop.launcher.watch_launcher`), so that no rank outlives it. A loop started
+    afterwards reuses the group and leaves it up; end it with :func:`teardown` (``engine=None``).
 
     Returns:
         True if this call started the group, False if it already existed.
@@ -87,6 +90,7 @@ def init_distributed() -> bool:
     started = not dist.is_initialized()
     deepspeed.init_distributed()
     release_shm_buffer()
+    watch_launcher()
     return started
 
 
