@@ -18,10 +18,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import RegressionData
+from torch.utils.data import DataLoader
 
 from zeroloop.checkpoint import LATEST, list_checkpoints, read_manifest
-from zeroloop.launcher import (LAUNCH_PY, RUNNER, TORCHRUN, LauncherProcess, ProcessWatch, start_time_of,
-                               launcher_kind, launcher_processes)
+from zeroloop.launcher import (LAUNCH_PY, RUNNER, TORCHRUN, LauncherProcess, ProcessWatch, launcher_kind,
+                               launcher_processes, shield_loader_workers, start_time_of)
 from zeroloop.runtime import free_port
 from zeroloop.testing import remove_shm_buffers
 
@@ -30,7 +32,7 @@ START_TIMEOUT_S = 300  # both ranks past their first step (cold DeepSpeed import
 STOP_TIMEOUT_S = 120  # from the signal to the launcher's exit
 RANKS_GONE_TIMEOUT_S = 60  # from the launcher's exit to the last rank's
 
-# (launcher, signal target, signal, the launcher command's exit code)
+# (launcher, signal target, signal, the launcher command's exit code[, DataLoader workers])
 CASES = [
     # The runner installs no handler on one machine: SIGTERM kills it at once; the ranks see
     # it go, save and exit 0 (launch.py, orphaned, then exits 0 too).
@@ -54,15 +56,21 @@ CASES = [
     # SLURM signals every process of the job, whatever its session.
     ("torchrun", "every process", signal.SIGTERM, 1),
     ("torchrun", "torchrun", signal.SIGKILL, -signal.SIGKILL),
+    # A signal to a rank's process group or tree also reaches its DataLoader workers, which
+    # PyTorch makes die of it: the loop makes them ignore it.
+    ("torchrun", "torchrun", signal.SIGTERM, 1, 2),
+    ("deepspeed", "launch.py", signal.SIGTERM, 1, 2),
 ]
+CASES = [case if len(case) == 5 else case + (0,) for case in CASES]
 
 
-def command(launcher, port, out):
+def command(launcher, port, out, workers):
     bindir = Path(sys.executable).parent
+    script = [str(SCRIPT), "--out", out, "--workers", str(workers)]
     if launcher == "deepspeed":
-        return [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(SCRIPT), "--out", out]
+        return [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(port)] + script
     return [str(bindir / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-            str(port), str(SCRIPT), "--out", out]
+            str(port)] + script
 
 
 def wait_for_ranks(out, launcher_proc, log_path):
@@ -95,15 +103,16 @@ def alive(pid):
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("launcher,target,signum,exit_code", CASES,
-                         ids=[f"{c[0]}-{c[1].replace(' ', '_')}-{c[2].name}" for c in CASES])
-def test_signal_saves_once_and_stops(launcher, target, signum, exit_code, tmp_path):
+@pytest.mark.parametrize("launcher,target,signum,exit_code,workers", CASES,
+                         ids=[f"{c[0]}-{c[1].replace(' ', '_')}-{c[2].name}" + (f"-{c[4]}workers" if c[4] else "")
+                              for c in CASES])
+def test_signal_saves_once_and_stops(launcher, target, signum, exit_code, workers, tmp_path):
     port, out, log_path = free_port(), tmp_path / "run", tmp_path / "output.log"
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
                                                             "MASTER_ADDR", "OMP_NUM_THREADS")}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command(launcher, port, str(out)), stdout=log, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(command(launcher, port, str(out), workers), stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # its own process group: killpg spares pytest
     rank_pids = []
     try:
@@ -189,3 +198,17 @@ def test_process_watch_takes_a_reused_pid_for_an_exit():
 def test_no_launcher_above_pytest():
     # pytest's parent is a shell or an IDE: no watch, and a plain `python` run is never stopped.
     assert launcher_processes() == []
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_shielded_loader_workers_survive_a_sigterm(context):
+    loader = DataLoader(RegressionData(64), batch_size=2, num_workers=1, multiprocessing_context=context)
+    shield_loader_workers(loader)
+    shield_loader_workers(loader)  # once is enough: no double wrapping
+    assert loader.worker_init_fn.inner is None
+    batches = iter(loader)
+    next(batches)
+    (worker,) = batches._workers
+    os.kill(worker.pid, signal.SIGTERM)  # not from its parent: PyTorch's own handler would kill it
+    time.sleep(0.5)
+    assert len(list(batches)) == 31 and worker.is_alive() is False  # all batches, then a normal shutdown

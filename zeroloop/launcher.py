@@ -215,6 +215,40 @@ class ProcessWatch:
             time.sleep(POLL_INTERVAL_S)
 
 
+class _IgnoringStopSignals:
+    """A DataLoader ``worker_init_fn`` that makes the worker ignore SIGTERM and SIGINT, then
+    calls the loader's own (a class, not a closure, so that spawned workers can unpickle it)."""
+
+    def __init__(self, inner: Callable[[int], None] | None):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def shield_loader_workers(loader: object) -> None:
+    """Keep a DataLoader's worker processes alive through a stop signal sent to the job.
+
+    A SIGTERM sent to a process group (torchrun signals each rank's group, SLURM every
+    process, DeepSpeed's ``launch.py`` each rank's process tree) also reaches the rank's
+    DataLoader workers. PyTorch's workers die of any SIGTERM their parent did not send, and
+    the rank then fails with "DataLoader worker ... is killed by signal: Terminated" before
+    it can save. The rank decides when to stop; its workers end with it (they exit when the
+    loader shuts them down, or notice within seconds that the rank is gone).
+
+    Args:
+        loader: a ``torch.utils.data.DataLoader`` (anything else is left alone).
+    """
+    from torch.utils.data import DataLoader
+
+    if isinstance(loader, DataLoader) and loader.num_workers > 0 and \
+            not isinstance(loader.worker_init_fn, _IgnoringStopSignals):
+        loader.worker_init_fn = _IgnoringStopSignals(loader.worker_init_fn)
+
+
 _watch: ProcessWatch | None = None
 _watch_lock = threading.Lock()
 
@@ -245,5 +279,5 @@ def _stop_this_rank(launcher: LauncherProcess) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-__all__ = ["LauncherProcess", "ProcessWatch", "launcher_kind", "launcher_processes", "start_time_of",
-           "watch_launcher"]
+__all__ = ["LauncherProcess", "ProcessWatch", "launcher_kind", "launcher_processes", "shield_loader_workers",
+           "start_time_of", "watch_launcher"]

@@ -27,6 +27,7 @@ from .activation import apply as apply_activation_checkpointing
 from .checkpoint import Checkpointer, CheckpointSettings
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
+from .launcher import shield_loader_workers
 from .metrics import MetricsLog, ProgressBar
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
 
@@ -260,6 +261,9 @@ class TrainerLoop:
         engine = self.setup()
         if self.checkpointer is not None:
             self.checkpointer.install_signal_handlers()
+            # The rank decides when to stop; its DataLoader workers must survive the signal.
+            shield_loader_workers(self.train_loader)
+            shield_loader_workers(self.eval_loader)
         self.on_train_start()
         bar = ProgressBar(self.total_steps, initial=self.global_step,
                           enabled=self.rank == 0 and self.log.progress_bar)
