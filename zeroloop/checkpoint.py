@@ -11,7 +11,8 @@ work on it::
             zeroloop_manifest.json     written last: loop position, config, versions, file sizes
 
 How a save stays atomic: every rank writes under a temporary tag (``global_step8.tmp``),
-all ranks fsync their files and meet at a barrier, then rank 0 writes the manifest,
+all ranks fsync their files and agree that every write worked (a failed write on any rank
+fails the save on all of them, see ``Checkpointer._agree``), then rank 0 writes the manifest,
 renames the folder into place and replaces ``latest`` through a temporary file and
 ``os.replace``, with an fsync of each directory it changed. A crash at any moment leaves
 ``latest`` naming the previous complete checkpoint; a folder without a manifest (or whose
@@ -25,6 +26,7 @@ only DeepSpeed's ``load_checkpoint`` does, after the manifest has been checked.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +35,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -134,6 +136,124 @@ def replace_latest(folder: str, tag: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(folder)
+
+
+def read_latest(folder: str) -> str | None:
+    """The tag ``folder/latest`` names, or None when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(folder, LATEST), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def attempt(write: Callable[..., Any], *args: Any) -> str | None:
+    """Run one stage of a save; None when it worked, else what failed (path and reason), for
+    :meth:`Checkpointer._agree` to share with every rank."""
+    try:
+        write(*args)
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it, whatever it is
+        return describe_write_error(e)
+    return None
+
+
+def describe_write_error(error: BaseException, path: str | None = None) -> str:
+    """``"<path>: <error> (<what the file system says>)"``; OSErrors name their path
+    themselves. torch's zip writer reports a full disk as "unexpected pos 704 vs 598", so
+    the reason is also looked up: free space, a read-only file system, the file-size limit."""
+    text = f"{type(error).__name__}: {error}"
+    filename = getattr(error, "filename", None)
+    if path is not None and (filename is None or os.fspath(filename) != path):
+        text = f"{path}: {text}"
+    target = path or (os.fspath(filename) if filename is not None else None)
+    hints = write_failure_hints(target) if target else []
+    return f"{text} ({'; '.join(hints)})" if hints else text
+
+
+def write_failure_hints(path: str) -> list[str]:
+    """What may stop writes to ``path``: a nearly full or read-only file system, or a
+    file-size limit on this process."""
+    import resource
+
+    hints = []
+    folder = os.path.dirname(os.path.abspath(path))
+    while folder and not os.path.exists(folder):  # the temporary folder may be gone already
+        folder = os.path.dirname(folder)
+    try:
+        fs = os.statvfs(folder)
+        free = fs.f_bavail * fs.f_frsize
+        if fs.f_flag & os.ST_RDONLY:
+            hints.append(f"the file system holding {folder} is read-only")
+        elif free < 64 * 2**20:
+            amount = f"{free / 2**20:.1f} MiB" if free >= 2**20 else f"{free} bytes"
+            hints.append(f"the file system holding {folder} has {amount} free")
+    except OSError:
+        pass
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY:
+        hints.append(f"this process may not write files over {limit} bytes (RLIMIT_FSIZE, `ulimit -f`)")
+    return hints
+
+
+class _RecordingCheckpointEngine:
+    """DeepSpeed's checkpoint engine for the length of one save, recording a failed write
+    instead of raising it.
+
+    A rank that raises inside ``engine.save_checkpoint`` never reaches the barrier at its
+    end, and the other ranks wait there until the process group times out (30 minutes by
+    default). Recording the first error (and skipping the writes after it) lets every rank
+    finish the call; the save then fails on all of them together.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.error: str | None = None
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.error is None:
+            try:
+                self.inner.save(state_dict, path)
+            except Exception as e:  # noqa: BLE001 - reported on every rank by the caller
+                self.error = describe_write_error(e, path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        try:
+            self.inner.makedirs(path, exist_ok=exist_ok)
+        except OSError as e:
+            self.error = self.error or describe_write_error(e, path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def write_errors_recorded(engine: Any) -> Iterator[_RecordingCheckpointEngine]:
+    """For one ``engine.save_checkpoint`` call: its file writes record their errors
+    instead of raising them (see :class:`_RecordingCheckpointEngine`). The copy of
+    DeepSpeed's recovery scripts (``zero_to_fp32.py``) is rank 0's only other write there."""
+    recorder = _RecordingCheckpointEngine(engine.checkpoint_engine)
+    copy_scripts = getattr(engine, "_copy_recovery_script", None)
+    patched_before = vars(engine).get("_copy_recovery_script")
+
+    def copy_scripts_recording(save_path: str) -> None:
+        if recorder.error is not None:
+            return  # the save failed already: do not truncate the scripts there on a full disk
+        try:
+            copy_scripts(save_path)
+        except OSError as e:
+            recorder.error = describe_write_error(e)
+
+    engine.checkpoint_engine = recorder
+    if copy_scripts is not None:
+        engine._copy_recovery_script = copy_scripts_recording
+    try:
+        yield recorder
+    finally:
+        engine.checkpoint_engine = recorder.inner
+        if patched_before is not None:
+            engine._copy_recovery_script = patched_before
+        elif copy_scripts is not None:
+            del engine._copy_recovery_script  # the class's method again
 
 
 def rank_file(rank: int) -> str:
@@ -499,30 +619,65 @@ class Checkpointer:
     # --- saving --------------------------------------------------------------------------------
 
     def _save(self, tag: str) -> str:
-        """Write under ``<tag>.tmp``, fsync, barrier, then rank 0 publishes (manifest, rename,
-        ``latest``) and prunes."""
-        import deepspeed.comm as dist
+        """Write under ``<tag>.tmp``, fsync, then rank 0 publishes (manifest, rename,
+        ``latest``) and prunes. The ranks agree after each stage, so a write that fails on
+        any rank fails the save on every rank, with the same error and nothing left visible.
 
+        Raises:
+            CheckpointError: a file could not be written (disk full, file-size limit, a
+                read-only or vanished folder, an fsync error), on every rank.
+        """
         loop, engine = self.loop, self.loop.engine
         rng = rng_state()  # before anything below could draw from a generator
         manifest = self._manifest(tag)
-        tmp_tag = f"{tag}{TMP_SUFFIX}"
-        tmp_dir = os.path.join(self.folder, tmp_tag)
+        tmp_dir = os.path.join(self.folder, f"{tag}{TMP_SUFFIX}")
+        self._agree(tag, tmp_dir, attempt(self._prepare, tmp_dir) if loop.rank == 0 else None)
+        with write_errors_recorded(engine) as recorded:
+            engine.save_checkpoint(self.folder, tag=os.path.basename(tmp_dir), client_state={}, save_latest=False)
+        error = recorded.error or attempt(self._write_rank_file, tmp_dir, rng)
+        self._agree(tag, tmp_dir, error)  # every rank's files exist
+        self._agree(tag, tmp_dir, attempt(self._fsync_share, tmp_dir))  # every rank's files are on disk
         if loop.rank == 0:
-            os.makedirs(self.folder, exist_ok=True)
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash inside an earlier save
-        dist.barrier()
-        engine.save_checkpoint(self.folder, tag=tmp_tag, client_state={}, save_latest=False)
-        with open(os.path.join(tmp_dir, rank_file(loop.rank)), "w", encoding="utf-8") as f:
-            json.dump({"rank": loop.rank, "global_step": loop.global_step, "rng": rng}, f)
-        dist.barrier()  # every rank's files exist
-        self._fsync_share(tmp_dir)
-        dist.barrier()  # every rank's files are on disk
-        if loop.rank == 0:
-            self._publish(tmp_dir, tag, manifest)
-            self._prune(keep_also=os.path.join(self.folder, tag))
-        dist.barrier()  # nobody returns before the checkpoint is visible
+            error = attempt(self._publish, tmp_dir, tag, manifest)
+            if error is None:
+                self._prune(keep_also=os.path.join(self.folder, tag))
+        self._agree(tag, tmp_dir, error)  # nobody returns before the checkpoint is visible
         return os.path.join(self.folder, tag)
+
+    def _prepare(self, tmp_dir: str) -> None:
+        """Rank 0: an empty temporary tag folder (one left by a crashed save is replaced);
+        a folder that cannot be written fails here, with its own name in the error."""
+        os.makedirs(self.folder, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+
+    def _write_rank_file(self, tmp_dir: str, rng: dict[str, Any]) -> None:
+        with open(os.path.join(tmp_dir, rank_file(self.loop.rank)), "w", encoding="utf-8") as f:
+            json.dump({"rank": self.loop.rank, "global_step": self.loop.global_step, "rng": rng}, f)
+
+    def _agree(self, tag: str, tmp_dir: str, error: str | None) -> None:
+        """Every rank learns whether any rank failed a stage of the save. Collective.
+
+        Raises:
+            CheckpointError: some rank failed; raised on every rank, after rank 0 removed the
+                temporary folder (a full disk gets its space back; a ``.tmp`` folder that
+                cannot be removed is never loaded and goes at the next resume).
+        """
+        import deepspeed.comm as dist
+
+        errors: list[str | None] = [None] * self.loop.world_size
+        dist.all_gather_object(errors, error)
+        failures = [f"rank {rank}: {problem}" for rank, problem in enumerate(errors) if problem]
+        if not failures:
+            return
+        if self.loop.rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        latest = read_latest(self.folder)
+        kept = (f"`latest` still names {latest}, which is complete" if latest else
+                "no earlier checkpoint exists in this folder")
+        raise CheckpointError(f"checkpoint {tag} could not be written to {self.folder}: {'; '.join(failures)}. "
+                              f"Nothing of it was kept: {kept}. Free space or fix the folder (permissions, "
+                              "quota, file-size limit, a read-only mount), then resume with resume=\"latest\"")
 
     def _fsync_share(self, tmp_dir: str) -> None:
         """This rank's share of fsyncing every file in the folder (fsync works on any file)."""
@@ -531,7 +686,9 @@ class Checkpointer:
             fsync_path(os.path.join(tmp_dir, name))
 
     def _publish(self, tmp_dir: str, tag: str, manifest: dict[str, Any]) -> None:
-        """Rank 0: manifest last, rename into place, then ``latest``; each step durable."""
+        """Rank 0: manifest last, rename into place, then ``latest``; each step durable. If
+        ``latest`` cannot be replaced, the renamed folder goes back to its temporary name,
+        so that a failed save leaves the folder as it was."""
         manifest["files"] = {name: os.path.getsize(os.path.join(tmp_dir, name))
                              for name in sorted(os.listdir(tmp_dir))}
         write_json_durably(os.path.join(tmp_dir, MANIFEST), manifest)
@@ -539,8 +696,13 @@ class Checkpointer:
         if os.path.exists(final_dir):  # the same step saved before (e.g. after resuming an older one)
             self._delete(final_dir)
         os.rename(tmp_dir, final_dir)
-        fsync_path(self.folder)
-        replace_latest(self.folder, tag)
+        try:
+            fsync_path(self.folder)
+            replace_latest(self.folder, tag)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rename(final_dir, tmp_dir)
+            raise
 
     def _manifest(self, tag: str) -> dict[str, Any]:
         """zeroloop's JSON state of this checkpoint (``files`` is added when publishing)."""
@@ -576,12 +738,16 @@ class Checkpointer:
 
     def _prune(self, keep_also: str) -> None:
         """Rank 0: delete complete checkpoints beyond the newest ``keep``; never ``keep_also``
-        (the one just written) nor the one this run resumed from."""
+        (the one just written) nor the one this run resumed from. One that cannot be deleted
+        is left with a warning: the new checkpoint is saved either way."""
         protected = {os.path.abspath(keep_also), self.resumed_from}
         complete = [path for _, path in list_checkpoints(self.folder)]
         for path in complete[:-self.settings.keep]:
             if os.path.abspath(path) not in protected:
-                self._delete(path)
+                try:
+                    self._delete(path)
+                except OSError as e:
+                    log.warning("could not delete the old checkpoint %s (keep=%d): %s", path, self.settings.keep, e)
 
     def _delete(self, tag_dir: str) -> None:
         """Make the folder unloadable first (rename it), so a crash mid-delete leaves no
