@@ -200,9 +200,10 @@ class _RecordingCheckpointEngine:
     instead of raising it.
 
     A rank that raises inside ``engine.save_checkpoint`` never reaches the barrier at its
-    end, and the other ranks wait there until the process group times out (30 minutes by
-    default). Recording the first error (and skipping the writes after it) lets every rank
-    finish the call; the save then fails on all of them together.
+    end: the other ranks wait there as long as it lives, then die of a transport error
+    ("Connection closed by peer") that hides the real one. Recording the first error (and
+    skipping the writes after it) lets every rank finish the call; the save then fails on
+    all of them together, with that error.
     """
 
     def __init__(self, inner: Any):
