@@ -464,3 +464,87 @@ def test_a_save_that_cannot_be_written_fails_cleanly(tmp_path, small_fs):
         # The previous checkpoint is complete and still named; no half tag is visible.
         assert result["latest"] == "global_step2" and result["complete"] == [2], trouble
         assert result["entries"] == ["global_step2", LATEST], (trouble, result["entries"])
+
+
+# --- node-local storage: each machine keeps its ranks' files in its own folder -----------------
+
+
+def node_local_loop(rank, root, max_steps):
+    config = resume_config(2)
+    config["checkpoint"] = {"use_node_local_storage": True}
+    return TrainerLoop(make_model(0), config, train_data=RegressionData(64), output_dir=os.path.join(root, f"node{rank}"),
+                       max_steps=max_steps, seed=3, log=LogSettings(progress_bar=False),
+                       checkpoint=CheckpointSettings(every=2, keep=5))
+
+
+def node_local_ranks(rank, root):
+    """Two "machines" of one rank (LOCAL_RANK 0 on both), each with its own folder."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    import zeroloop.checkpoint as checkpoint_module
+
+    deepspeed.init_distributed()
+    folder = os.path.join(root, f"node{rank}", "checkpoints")
+    node_local_loop(rank, root, 4).train()  # saves at 2 and 4 on both machines
+    entries_after_save = checkpoint_entries(folder)
+    # A crash between the machines' publishing: machine 1 never got step 4.
+    if rank == 1:
+        shutil.rmtree(os.path.join(folder, "global_step4"))
+        with open(os.path.join(folder, LATEST), "w") as f:
+            f.write("global_step2")
+    dist.barrier()
+    behind = node_local_loop(rank, root, 6)
+    behind.setup()
+    resumed_at = behind.global_step
+    behind.train()  # saves at 4 and 6 again, on both
+
+    # Publishing fails on machine 1 only: machine 0 takes its published step 8 back.
+    loop = node_local_loop(rank, root, 8)
+    if rank == 1:
+        replace_latest = checkpoint_module.replace_latest
+
+        def failing_replace_latest(folder, tag):
+            if tag == "global_step8":
+                raise OSError(28, "No space left on device", os.path.join(folder, LATEST))
+            replace_latest(folder, tag)
+
+        checkpoint_module.replace_latest = failing_replace_latest
+    try:
+        loop.train()
+        publish_error = None
+    except CheckpointError as e:
+        publish_error = str(e)
+    entries_after_failed_publish = checkpoint_entries(folder)
+
+    # Machine 1 lost its disk: nothing to resume from in common.
+    dist.barrier()
+    if rank == 1:
+        shutil.rmtree(folder)
+    dist.barrier()
+    try:
+        node_local_loop(rank, root, 10).setup()
+        lost_error = None
+    except CheckpointError as e:
+        lost_error = str(e)
+    return {"entries_after_save": entries_after_save, "resumed_at": resumed_at, "publish_error": publish_error,
+            "entries_after_failed_publish": entries_after_failed_publish, "lost_error": lost_error,
+            "manifest": read_manifest(os.path.join(root, "node0", "checkpoints", "global_step2")) if rank == 0 else None}
+
+
+@pytest.mark.multirank
+def test_node_local_storage(tmp_path):
+    results = run_ranks(node_local_ranks, 2, str(tmp_path), env={"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    for rank, result in enumerate(results):
+        # Each machine's folder holds its own checkpoints, named by its own latest.
+        assert result["entries_after_save"] == ["global_step2", "global_step4", LATEST]
+        # One machine a save behind: both resume from the newest step complete on both.
+        assert result["resumed_at"] == 2
+        # Publishing failed on machine 1: the save fails on both, and machine 0 took step 8 back.
+        assert "rank 1:" in result["publish_error"] and "No space left on device" in result["publish_error"]
+        assert result["entries_after_failed_publish"] == ["global_step2", "global_step4", "global_step6", LATEST]
+        assert "no checkpoint is complete on every machine" in result["lost_error"]
+    assert (tmp_path / "node0" / "checkpoints" / LATEST).read_text() == "global_step6"
+    manifest = results[0]["manifest"]
+    assert manifest["node_local"] and manifest["rank_files"] == [rank_file(0)]
+    assert not (tmp_path / "node0" / "checkpoints" / "global_step2" / rank_file(1)).exists()

@@ -17,6 +17,7 @@ import torch
 
 from zeroloop import consolidate
 from zeroloop.consolidate import load_state_dict
+from zeroloop.checkpoint import LATEST, MANIFEST, rank_file, read_manifest
 from zeroloop.runtime import available_cores, free_port
 from zeroloop.testing import remove_shm_buffers
 
@@ -128,3 +129,50 @@ def test_a_failure_under_deepspeed_leaves_nothing_in_dev_shm(failure, tmp_path):
         assert not shm_buffers_of(port)
     finally:
         remove_shm_buffers(port)  # keep later tests independent of this one's result
+
+
+TWO_NODES_SCRIPT = Path(__file__).parent / "scripts" / "two_nodes_train.py"
+
+
+def run_two_nodes(out, phase):
+    """Two torchrun "machines" of one rank each on this machine, with a static rendezvous."""
+    port = free_port()
+    commands = [[launcher("torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                 "--master_addr", "127.0.0.1", "--master_port", str(port), str(TWO_NODES_SCRIPT), "--out", str(out),
+                 "--phase", phase] for node in (0, 1)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launcher_env())
+             for command in commands]
+    outputs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+        assert "terminate called" not in output and "Traceback" not in output, output[-4000:]
+    return [json.loads((out / f"{phase}_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_two_machines_train_checkpoint_and_resume(tmp_path):
+    first, resumed = run_two_nodes(tmp_path, "first"), run_two_nodes(tmp_path, "resume")
+    for rank in (0, 1):
+        assert first[rank]["env"] == {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank)}
+        straight = first[rank]["straight"]
+        for storage in ("shared", "node_local"):
+            stopped, then = first[rank][storage], resumed[rank][storage]
+            assert (stopped["steps"], then["steps"]) == (5, 8), storage
+            assert stopped["losses"] + then["losses"] == straight["losses"], storage
+            assert then["weights"] == straight["weights"], storage
+
+    # A shared folder holds every rank's files under one manifest.
+    shared = tmp_path / "shared" / "checkpoints"
+    assert (shared / LATEST).read_text() == "global_step8"
+    assert read_manifest(str(shared / "global_step8"))["rank_files"] == [rank_file(0), rank_file(1)]
+    # Node-local storage: each machine's folder holds its own ranks' files (and DeepSpeed's
+    # model states, written by each machine's first rank), listed by its own manifest.
+    for node in (0, 1):
+        folder = tmp_path / f"node{node}" / "checkpoints"
+        assert (folder / LATEST).read_text() == "global_step8"
+        tag_dir = folder / "global_step8"
+        manifest = read_manifest(str(tag_dir))
+        assert manifest["node_local"] and manifest["rank_files"] == [rank_file(node)]
+        assert set(manifest["files"]) == {name for name in os.listdir(tag_dir) if name != MANIFEST}
+        assert "mp_rank_00_model_states.pt" in manifest["files"]
+        assert [name for name in manifest["files"] if "optim_states" in name] == \
+            [f"zero_pp_rank_{node}_mp_rank_00_optim_states.pt"]

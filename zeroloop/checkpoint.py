@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from . import runtime
 from .config import ConfigError, is_int
 from .data import ResumableDistributedSampler, batches_per_epoch
 
@@ -255,6 +257,9 @@ def write_errors_recorded(engine: Any) -> Iterator[_RecordingCheckpointEngine]:
             engine._copy_recovery_script = patched_before
         elif copy_scripts is not None:
             del engine._copy_recovery_script  # the class's method again
+
+
+RANK_FILE = re.compile(r"zeroloop_rank_\d{5}\.json")
 
 
 def rank_file(rank: int) -> str:
@@ -479,6 +484,25 @@ class Checkpointer:
     def folder(self) -> str:
         return os.path.join(self.loop.output_dir, os.fspath(self.settings.folder))
 
+    @property
+    def node_local(self) -> bool:
+        """DeepSpeed's ``"checkpoint": {"use_node_local_storage": true}``: each machine keeps
+        the files of its own ranks in its own ``folder`` (a local disk), not a shared one."""
+        use = getattr(self.loop.engine, "use_node_local_storage", None)
+        return bool(use()) if callable(use) else False
+
+    @property
+    def _keeps_folder(self) -> bool:
+        """This rank prepares, publishes and prunes the folder: rank 0, or with node-local
+        storage the first rank of each machine (as DeepSpeed picks its writers)."""
+        return (runtime.local_rank() if self.node_local else self.loop.rank) == 0
+
+    def _folder_sharers(self) -> tuple[int, int]:
+        """(this rank's index, count) among the ranks that write to this rank's folder."""
+        if self.node_local:
+            return runtime.local_rank(), runtime.local_world_size()
+        return self.loop.rank, self.loop.world_size
+
     # --- what users call ----------------------------------------------------------------------
 
     def save(self, tag: str | None = None) -> str:
@@ -531,8 +555,9 @@ class Checkpointer:
     # --- what the loop calls -----------------------------------------------------------------
 
     def resume(self) -> str | None:
-        """Resume per ``settings.resume``: rank 0 picks and checks the checkpoint, every rank
-        loads it. Collective.
+        """Resume per ``settings.resume``: rank 0 picks and checks the checkpoint (with
+        node-local storage, every machine looks in its own folder and they agree on a step),
+        every rank loads it. Collective.
 
         Returns:
             The tag folder resumed from, or None for a fresh start.
@@ -542,11 +567,14 @@ class Checkpointer:
         """
         import deepspeed.comm as dist
 
-        choice: list[Any] = [None]
-        if self.loop.rank == 0:
-            choice[0] = self._choose()
-        dist.broadcast_object_list(choice, src=0)
-        status, tag_dir, manifest = choice[0]
+        if self.node_local:
+            status, tag_dir, manifest = self._choose_on_every_machine()
+        else:
+            choice: list[Any] = [None]
+            if self.loop.rank == 0:
+                choice[0] = self._choose()
+            dist.broadcast_object_list(choice, src=0)
+            status, tag_dir, manifest = choice[0]
         if status == "error":
             raise CheckpointError(tag_dir)
         if tag_dir is None:
@@ -621,7 +649,8 @@ class Checkpointer:
 
     def _save(self, tag: str) -> str:
         """Write under ``<tag>.tmp``, fsync, then rank 0 publishes (manifest, rename,
-        ``latest``) and prunes. The ranks agree after each stage, so a write that fails on
+        ``latest``) and prunes; with node-local storage the first rank of every machine does
+        this in its own folder. The ranks agree after each stage, so a write that fails on
         any rank fails the save on every rank, with the same error and nothing left visible.
 
         Raises:
@@ -632,21 +661,24 @@ class Checkpointer:
         rng = rng_state()  # before anything below could draw from a generator
         manifest = self._manifest(tag)
         tmp_dir = os.path.join(self.folder, f"{tag}{TMP_SUFFIX}")
-        self._agree(tag, tmp_dir, attempt(self._prepare, tmp_dir) if loop.rank == 0 else None)
+        keeps_folder, previous = self._keeps_folder, read_latest(self.folder)
+        self._agree(tag, tmp_dir, attempt(self._prepare, tmp_dir) if keeps_folder else None)
         with write_errors_recorded(engine) as recorded:
             engine.save_checkpoint(self.folder, tag=os.path.basename(tmp_dir), client_state={}, save_latest=False)
         error = recorded.error or attempt(self._write_rank_file, tmp_dir, rng)
         self._agree(tag, tmp_dir, error)  # every rank's files exist
         self._agree(tag, tmp_dir, attempt(self._fsync_share, tmp_dir))  # every rank's files are on disk
-        if loop.rank == 0:
-            error = attempt(self._publish, tmp_dir, tag, manifest)
-            if error is None:
-                self._prune(keep_also=os.path.join(self.folder, tag))
-        self._agree(tag, tmp_dir, error)  # nobody returns before the checkpoint is visible
+        error = attempt(self._publish, tmp_dir, tag, manifest) if keeps_folder else None
+        # Visible everywhere before anyone returns; a machine whose publish worked takes it
+        # back when another's failed (node-local storage), so no machine keeps it alone.
+        undo = (lambda: self._unpublish(tmp_dir, tag, previous)) if keeps_folder and error is None else None
+        self._agree(tag, tmp_dir, error, undo=undo)
+        if keeps_folder:
+            self._prune(keep_also=os.path.join(self.folder, tag))
         return os.path.join(self.folder, tag)
 
     def _prepare(self, tmp_dir: str) -> None:
-        """Rank 0: an empty temporary tag folder (one left by a crashed save is replaced);
+        """An empty temporary tag folder (one left by a crashed save is replaced);
         a folder that cannot be written fails here, with its own name in the error."""
         os.makedirs(self.folder, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -656,12 +688,15 @@ class Checkpointer:
         with open(os.path.join(tmp_dir, rank_file(self.loop.rank)), "w", encoding="utf-8") as f:
             json.dump({"rank": self.loop.rank, "global_step": self.loop.global_step, "rng": rng}, f)
 
-    def _agree(self, tag: str, tmp_dir: str, error: str | None) -> None:
+    def _agree(self, tag: str, tmp_dir: str, error: str | None, undo: Callable[[], None] | None = None) -> None:
         """Every rank learns whether any rank failed a stage of the save. Collective.
 
+        Args:
+            undo: called on this rank when another failed (what this rank's stage changed).
+
         Raises:
-            CheckpointError: some rank failed; raised on every rank, after rank 0 removed the
-                temporary folder (a full disk gets its space back; a ``.tmp`` folder that
+            CheckpointError: some rank failed; raised on every rank, after the temporary
+                folder was removed (a full disk gets its space back; a ``.tmp`` folder that
                 cannot be removed is never loaded and goes at the next resume).
         """
         import deepspeed.comm as dist
@@ -671,7 +706,10 @@ class Checkpointer:
         failures = [f"rank {rank}: {problem}" for rank, problem in enumerate(errors) if problem]
         if not failures:
             return
-        if self.loop.rank == 0:
+        if undo is not None:
+            with contextlib.suppress(OSError):
+                undo()
+        if self._keeps_folder:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         latest = read_latest(self.folder)
         kept = (f"`latest` still names {latest}, which is complete" if latest else
@@ -682,16 +720,23 @@ class Checkpointer:
 
     def _fsync_share(self, tmp_dir: str) -> None:
         """This rank's share of fsyncing every file in the folder (fsync works on any file)."""
-        names = sorted(os.listdir(tmp_dir))
-        for name in names[self.loop.rank::self.loop.world_size]:
+        index, count = self._folder_sharers()
+        for name in sorted(os.listdir(tmp_dir))[index::count]:
             fsync_path(os.path.join(tmp_dir, name))
 
     def _publish(self, tmp_dir: str, tag: str, manifest: dict[str, Any]) -> None:
-        """Rank 0: manifest last, rename into place, then ``latest``; each step durable. If
+        """Manifest last, rename into place, then ``latest``; each step durable. If
         ``latest`` cannot be replaced, the renamed folder goes back to its temporary name,
-        so that a failed save leaves the folder as it was."""
-        manifest["files"] = {name: os.path.getsize(os.path.join(tmp_dir, name))
-                             for name in sorted(os.listdir(tmp_dir))}
+        so that a failed save leaves the folder as it was.
+
+        The manifest lists the files of this folder, so with node-local storage each
+        machine's manifest lists (and resuming checks) the files that machine holds.
+        """
+        names = sorted(os.listdir(tmp_dir))
+        manifest["files"] = {name: os.path.getsize(os.path.join(tmp_dir, name)) for name in names}
+        if self.node_local:
+            manifest["node_local"] = True
+            manifest["rank_files"] = [name for name in names if RANK_FILE.fullmatch(name)]
         write_json_durably(os.path.join(tmp_dir, MANIFEST), manifest)
         final_dir = os.path.join(self.folder, tag)
         if os.path.exists(final_dir):  # the same step saved before (e.g. after resuming an older one)
@@ -704,6 +749,15 @@ class Checkpointer:
             with contextlib.suppress(OSError):
                 os.rename(final_dir, tmp_dir)
             raise
+
+    def _unpublish(self, tmp_dir: str, tag: str, previous: str | None) -> None:
+        """Take a published checkpoint back: ``latest`` names ``previous`` again (or goes),
+        and the folder returns to its temporary name (removed by the caller)."""
+        if previous is not None:
+            replace_latest(self.folder, previous)
+        else:
+            os.remove(os.path.join(self.folder, LATEST))
+        os.rename(os.path.join(self.folder, tag), tmp_dir)
 
     def _manifest(self, tag: str) -> dict[str, Any]:
         """zeroloop's JSON state of this checkpoint (``files`` is added when publishing)."""
@@ -738,17 +792,17 @@ class Checkpointer:
         }
 
     def _prune(self, keep_also: str) -> None:
-        """Rank 0: delete complete checkpoints beyond the newest ``keep``; never ``keep_also``
+        """Delete complete checkpoints beyond the newest ``keep``; never ``keep_also``
         (the one just written) nor the one this run resumed from. One that cannot be deleted
         is left with a warning: the new checkpoint is saved either way."""
         protected = {os.path.abspath(keep_also), self.resumed_from}
-        complete = [path for _, path in list_checkpoints(self.folder)]
-        for path in complete[:-self.settings.keep]:
-            if os.path.abspath(path) not in protected:
-                try:
+        try:
+            complete = [path for _, path in list_checkpoints(self.folder)]
+            for path in complete[:-self.settings.keep]:
+                if os.path.abspath(path) not in protected:
                     self._delete(path)
-                except OSError as e:
-                    log.warning("could not delete the old checkpoint %s (keep=%d): %s", path, self.settings.keep, e)
+        except OSError as e:
+            log.warning("could not delete old checkpoints in %s (keep=%d): %s", self.folder, self.settings.keep, e)
 
     def _delete(self, tag_dir: str) -> None:
         """Make the folder unloadable first (rename it), so a crash mid-delete leaves no
@@ -764,6 +818,41 @@ class Checkpointer:
     def _choose(self) -> tuple[str, str | None, dict | None]:
         """Rank 0: ``("ok", tag_dir or None, manifest)`` or ``("error", message, None)``."""
         self._remove_leftovers()
+        return self._find_and_check()
+
+    def _choose_on_every_machine(self) -> tuple[str, str | None, dict | None]:
+        """With node-local storage: every rank looks in its own machine's folder, and all
+        take the same step, the newest complete on every machine (a crash can leave one
+        machine a save ahead). As :meth:`_choose`, on every rank. Collective."""
+        import deepspeed.comm as dist
+
+        if self._keeps_folder:
+            self._remove_leftovers()
+        dist.barrier()  # no rank reads a folder while its machine's first rank cleans it
+        status, found, manifest = self._find_and_check()
+        complete = dict(list_checkpoints(self.folder))
+        views: list[Any] = [None] * self.loop.world_size
+        dist.all_gather_object(views, (status, found, manifest and manifest["global_step"], sorted(complete)))
+        errors = [f"rank {rank}: {view[1]}" for rank, view in enumerate(views) if view[0] == "error"]
+        if errors:
+            return "error", "; ".join(errors), None
+        chosen = {view[2] for view in views}
+        if len(chosen) == 1:
+            return status, found, manifest  # the same step on every machine, or a fresh start everywhere
+        common = set.intersection(*(set(view[3]) for view in views))
+        if not common:
+            steps = ", ".join(f"rank {rank}: {view[2]}" for rank, view in enumerate(views))
+            return "error", (f"no checkpoint is complete on every machine ({steps}; node-local storage: each "
+                             "machine must keep its own ranks' files in its own folder). Copy a machine's "
+                             "missing checkpoint back, or pass resume=None to start fresh"), None
+        step = max(common)
+        if self.loop.rank == 0:
+            log.warning("the machines' newest complete checkpoints differ (%s): resuming from step %d, the "
+                        "newest on every machine", sorted(chosen, key=lambda s: (s is None, s)), step)
+        return "ok", complete[step], read_manifest(complete[step])
+
+    def _find_and_check(self) -> tuple[str, str | None, dict | None]:
+        """The checkpoint ``settings.resume`` names in this rank's folder, checked; as :meth:`_choose`."""
         try:
             tag_dir = find_checkpoint(self.settings.resume, self.folder)
             if tag_dir is None:
@@ -779,7 +868,7 @@ class Checkpointer:
             return "error", str(e), None
 
     def _remove_leftovers(self) -> None:
-        """Rank 0: temporary and half-deleted folders of crashed runs (never loadable)."""
+        """Temporary and half-deleted folders of crashed runs (never loadable)."""
         if not os.path.isdir(self.folder):
             return
         for name in os.listdir(self.folder):

@@ -117,6 +117,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_rank() -> int:
+    """This rank's index on its machine (set by every launcher)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def local_world_size() -> int:
     """Ranks on this machine, from whichever launcher started us."""
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):  # torchrun, deepspeed
