@@ -82,7 +82,8 @@ class CheckpointSettings:
             (launchers and schedulers send it more than once).
         final_weights: when training ends, also write the model as Hugging Face-layout
             safetensors to ``output_dir/final/`` (gathered under ZeRO-3), so that most runs
-            never need ``zeroloop consolidate``.
+            never need ``zeroloop consolidate``. Not when a stop request (a signal,
+            ``request_stop``) ended it early: the resumed run writes them.
     """
 
     every: int | None = None
@@ -477,6 +478,7 @@ class Checkpointer:
         self.last_saved_step: int | None = None
         self._skip_batches = 0  # micro-batches to skip at the start of the next epoch pass
         self._stop_requested = False
+        self.stopped = False  # training was stopped (signal or request_stop) and saved
         self._interrupted = False  # a SIGINT was received: the next one aborts
         self._previous_handlers: dict[int, Any] = {}
 
@@ -602,6 +604,7 @@ class Checkpointer:
             True when training must stop (a checkpoint has been saved).
         """
         stop = self._agree_on_stop()
+        self.stopped = self.stopped or stop
         every = self.settings.every
         if stop or (every and self.loop.global_step % every == 0):
             path = self.save()
@@ -612,10 +615,15 @@ class Checkpointer:
 
     def finish(self) -> None:
         """The final checkpoint (unless turned off or this step is already saved) and the
-        final safetensors weights (unless turned off). Collective."""
+        final safetensors weights (unless turned off, or training was stopped before its
+        end: a stopping job has a grace period to leave in, and gathering a large model
+        takes long; the weights come when the resumed run ends). Collective."""
         if self.settings.final and self.last_saved_step != self.loop.global_step:
             self.save()
-        if self.settings.final_weights:
+        if self.stopped and self.settings.final_weights:
+            log.info("stopped before the end of training: no final weights are written now (the run that "
+                     "resumes and ends writes them)")
+        elif self.settings.final_weights:
             from .consolidate import save_final_weights
 
             loop = self.loop
