@@ -133,7 +133,7 @@ def hand_loop_step_times(size, seq_len, stage, precision, micro, steps):
     loop, _ = build(size, seq_len, stage, precision, micro, steps, loop_class=TrainerLoop)
     engine = loop.setup()  # same resolved config, loader and engine
     times = []
-    batches = iter(loop.train_loader)
+    batches = iter(loop.train_batches.epoch(0))
     for _ in range(steps):
         batch = next(batches)
         ids, labels = batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)
@@ -209,7 +209,7 @@ def interleaved_overhead(size, seq_len, stage, precision, micro, steps, warmup):
     reference, _ = build(size, seq_len, stage, precision, micro, steps, loop_class=TrainerLoop)
     hand_engine = reference.setup()  # the same resolved config and loader, driven by hand
     loop, _ = build(size, seq_len, stage, precision, micro, steps, loop_class=Interleaved)
-    loop.hand_step = hand_stepper(hand_engine, reference.train_loader)
+    loop.hand_step = hand_stepper(hand_engine, reference.train_batches.epoch(0))
     loop.train()
     hand_engine.destroy()
     own, hand = loop.own_s[warmup:], loop.hand_s[warmup + 1:]  # own_s starts at step 2

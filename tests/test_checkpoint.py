@@ -16,12 +16,14 @@ import pytest
 import torch
 from helpers import MLPRegressor, RegressionData, make_model
 from torch import nn
+from torch.utils.data import DataLoader
 
 from zeroloop import LogSettings, TrainerLoop
 from zeroloop.checkpoint import (LATEST, MANIFEST, CheckpointError, Checkpointer, CheckpointSettings,
                                  check_compatible, find_checkpoint, list_checkpoints, rank_file, read_manifest)
-from zeroloop.data import ResumableDistributedSampler
-from zeroloop.testing import RankFailure, full_parameters, run_ranks, tiny_config
+from zeroloop.data import GlobalBatchSampler
+from zeroloop.state import TrainState
+from zeroloop.testing import RankFailure, full_parameters, run_ranks, single_process, tiny_config
 
 # 64 samples / (2 ranks x micro-batch 2) = 16 micro-batches per epoch = 8 optimizer steps at
 # gradient accumulation 2: stopping at step 5 is mid-epoch 0, step 10 is in epoch 1.
@@ -72,8 +74,10 @@ class RecordingLoop(TrainerLoop):
         self.final_weights = full_parameters(self.engine)  # collective under ZeRO-3: every rank
 
 
-def train_once(stage, output_dir, checkpoint=None, **loop_kwargs):
-    loop = RecordingLoop(make_dropout_model(0), resume_config(stage), train_data=RegressionData(64),
+def train_once(stage, output_dir, checkpoint=None, loader=False, **loop_kwargs):
+    # loader: the user's own shuffled DataLoader (with a worker), which zeroloop re-shards.
+    data = DataLoader(RegressionData(64), batch_size=2, shuffle=True, num_workers=1) if loader else RegressionData(64)
+    loop = RecordingLoop(make_dropout_model(0), resume_config(stage), train_data=data,
                          output_dir=output_dir, max_steps=STEPS, seed=3,
                          log=LogSettings(every=1, progress_bar=False), checkpoint=checkpoint, **loop_kwargs)
     summary = loop.train()
@@ -85,14 +89,18 @@ def train_once(stage, output_dir, checkpoint=None, **loop_kwargs):
 def exact_resume_ranks(rank, stage, root):
     import deepspeed
 
-    deepspeed.init_distributed()  # one process group for the three loops
+    deepspeed.init_distributed()  # one process group for every loop
     settings = CheckpointSettings(every=2, keep=2)
-    run_dir = os.path.join(root, "run")
-    straight = train_once(stage, os.path.join(root, "straight"))
-    stopped = train_once(stage, run_dir, settings, stop_at=STOP_AT)
-    tags_after_stop = checkpoint_entries(os.path.join(run_dir, "checkpoints"))
-    resumed = train_once(stage, run_dir, settings)
-    return {"straight": straight, "stopped": stopped, "resumed": resumed, "tags_after_stop": tags_after_stop}
+    results = {}
+    for kind, loader in (("dataset", False), ("loader", True)):
+        run_dir = os.path.join(root, kind, "run")
+        straight = train_once(stage, os.path.join(root, kind, "straight"), loader=loader)
+        stopped = train_once(stage, run_dir, settings, loader=loader, stop_at=STOP_AT)
+        tags_after_stop = checkpoint_entries(os.path.join(run_dir, "checkpoints"))
+        resumed = train_once(stage, run_dir, settings, loader=loader)
+        results[kind] = {"straight": straight, "stopped": stopped, "resumed": resumed,
+                         "tags_after_stop": tags_after_stop}
+    return results
 
 
 def checkpoint_entries(folder):
@@ -115,15 +123,19 @@ def assert_exact_resume(result):
 def test_exact_resume_mid_epoch(stage, tmp_path):
     results = run_ranks(exact_resume_ranks, 2, stage, str(tmp_path))
     for result in results:
-        assert_exact_resume(result)
+        assert_exact_resume(result["dataset"])
+        assert_exact_resume(result["loader"])
     # keep=2: saved at 2, 4 and (stop) 5; then, resumed from 5, at 6, 8, 10. The newest two
     # are kept, and the one resumed from is never deleted.
-    assert results[0]["tags_after_stop"] == ["global_step4", "global_step5", LATEST]
-    folder = tmp_path / "run" / "checkpoints"
+    assert results[0]["dataset"]["tags_after_stop"] == ["global_step4", "global_step5", LATEST]
+    folder = tmp_path / "dataset" / "run" / "checkpoints"
     assert checkpoint_entries(folder) == ["global_step10", "global_step5", "global_step8", LATEST]
     assert (folder / LATEST).read_text() == "global_step10"
     manifest = read_manifest(str(folder / "global_step5"))
-    assert (manifest["global_step"], manifest["epoch"], manifest["batches_in_epoch"]) == (STOP_AT, 0, 2 * STOP_AT)
+    # 5 steps x accumulation 2 x micro-batch 2 x 2 ranks = 40 samples of epoch 0's 64.
+    state = manifest["train_state"]
+    assert (manifest["global_step"], state["step"], state["epoch"], state["epoch_samples"]) == (STOP_AT, STOP_AT, 0, 40)
+    assert (state["micro_steps"], state["samples"]) == (2 * STOP_AT, 40)
     assert (manifest["world_size"], manifest["zero_stage"]) == (2, stage)
     assert manifest["lr_scheduler"] == {"last_batch_iteration": STOP_AT - 1}
 
@@ -293,17 +305,18 @@ def test_settings_are_checked():
         CheckpointSettings(every=0)
 
 
-def test_sampler_skips_only_the_next_pass():
-    sampler = ResumableDistributedSampler(list(range(20)), num_replicas=2, rank=1, shuffle=True, seed=5)
+def test_sampler_starts_at_a_global_position():
+    sampler = GlobalBatchSampler(20, micro_batch_size=2, rank=1, world_size=2, seed=5, shuffle=True, drop_tail=True)
     full = list(sampler)
-    sampler.skip_next_pass(4)
-    assert list(sampler) == full[4:]
-    assert list(sampler) == full
+    assert len(full) == len(sampler) == 5
+    sampler.set_position(0, 8)  # two global micro-batches of 4 consumed: this rank skips two of its own
+    assert list(sampler) == full[2:]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sampler.set_position(0, 6)
 
 
 def test_first_signal_asks_to_stop_and_second_aborts(tmp_path):
-    checkpointer = Checkpointer(TrainerLoop(make_model(0), tiny_config(), train_data=RegressionData(8),
-                                            output_dir=tmp_path, max_steps=1), CheckpointSettings())
+    checkpointer = Checkpointer(CheckpointSettings(), str(tmp_path), engine=None, state=TrainState(), facts=None)
     previous = signal.getsignal(signal.SIGINT)
     checkpointer.install_signal_handlers()
     try:
@@ -317,11 +330,27 @@ def test_first_signal_asks_to_stop_and_second_aborts(tmp_path):
         signal.signal(signal.SIGINT, previous)
 
 
+def test_resuming_an_older_checkpoint_keeps_each_step_once_in_metrics(tmp_path):
+    def run(resume):
+        loop = TrainerLoop(make_model(0), resume_config(0), train_data=RegressionData(64), output_dir=tmp_path,
+                           max_steps=4, seed=3, log=LogSettings(every=1, progress_bar=False),
+                           checkpoint=CheckpointSettings(every=2, resume=resume, final_weights=False))
+        return loop.train()
+
+    with single_process():
+        first = run(None)
+    with single_process():
+        again = run(str(tmp_path / "checkpoints" / "global_step2"))  # steps 3 and 4 are trained again
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2, 3, 4]
+    assert [record["loss"] for record in records] == [h["loss"] for h in first.history]
+    assert [h["step"] for h in again.history] == [3, 4]
+
+
 def test_a_repeated_sigterm_is_ignored_and_sigint_after_it_only_asks_to_stop(tmp_path):
     # SLURM signals every process and the launcher forwards its own copy: a rank gets
     # several SIGTERMs for one stop, and none of them may kill it half-way through its save.
-    checkpointer = Checkpointer(TrainerLoop(make_model(0), tiny_config(), train_data=RegressionData(8),
-                                            output_dir=tmp_path, max_steps=1), CheckpointSettings())
+    checkpointer = Checkpointer(CheckpointSettings(), str(tmp_path), engine=None, state=TrainState(), facts=None)
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     checkpointer.install_signal_handlers()
     try:

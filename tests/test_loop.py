@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from helpers import MLPRegressor, RegressionData, make_model
 from zeroloop import ConfigError, Hyperparameters, LogSettings, TrainerLoop, runtime
 from zeroloop.corpus import ByteCorpus, read_corpus
-from zeroloop.data import count_samples, count_tokens, move_to_device
+from zeroloop.data import count_rows, count_tokens, move_to_device
 from zeroloop.gpt import GPT
 from zeroloop.testing import single_process, tiny_config
 
@@ -162,12 +162,21 @@ def test_epochs_count_optimizer_steps_and_reshuffle(tmp_path):
     assert seen[:8] != seen[8:]  # ...in a different order (set_epoch reshuffled)
 
 
-def test_a_ready_dataloader_is_used_as_given(tmp_path):
-    loader = DataLoader(RegressionData(n=12), batch_size=3, shuffle=False)
+def test_a_dataloader_gives_the_micro_batch_and_keeps_its_order(tmp_path):
+    seen = []
+
+    class Recording(TrainerLoop):
+        def compute_loss(self, batch):
+            seen.append(batch["x"])
+            return super().compute_loss(batch)
+
+    data = RegressionData(n=12)
+    loader = DataLoader(data, batch_size=3, shuffle=False)
     config = dict(tiny_config(), train_micro_batch_size_per_gpu="auto")
     _, summary = train_one_rank(make_model(), config, train_data=loader, output_dir=tmp_path,
-                                max_steps=None, epochs=1)
+                                max_steps=None, epochs=1, loop_class=Recording)
     assert summary.steps == 4 and summary.samples == 12
+    assert torch.equal(torch.cat(seen), data.x)  # shuffle=False: the dataset's order
 
 
 def test_same_seed_same_losses_with_dropout(tmp_path):
@@ -199,7 +208,7 @@ def test_bf16_casts_float_inputs_and_keeps_integers(tmp_path):
 
 
 def test_empty_training_data_is_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match="yielded no batches"):
+    with pytest.raises(ConfigError, match="train_data: is empty"):
         train_one_rank(make_model(), train_data=[], output_dir=tmp_path)
 
 
@@ -254,7 +263,7 @@ def test_move_to_device_casts_floats_and_keeps_structure():
 
 
 def test_counting_samples_and_tokens():
-    assert count_samples({"input_ids": torch.zeros(4, 9, dtype=torch.long)}) == 4
+    assert count_rows({"input_ids": torch.zeros(4, 9, dtype=torch.long)}) == 4
     assert count_tokens({"input_ids": torch.zeros(4, 9, dtype=torch.long)}) == 36
     assert count_tokens((torch.zeros(4, 9), torch.zeros(4, 9, dtype=torch.long))) == 36
     assert count_tokens({"x": torch.zeros(4, 9), "y": torch.zeros(4, dtype=torch.long)}) is None

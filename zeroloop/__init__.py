@@ -10,10 +10,12 @@ from .activation import ActivationCheckpointing  # noqa: E402
 from .checkpoint import CheckpointError, CheckpointSettings  # noqa: E402
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
 from .consolidate import consolidate  # noqa: E402
+from .data import PerRankBatches  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
 from .memory import plan  # noqa: E402
 from .precision import HealthPolicy, NumericalHealthError  # noqa: E402
 from .runtime import init_distributed, seed_everything, teardown  # noqa: E402
+from .state import TrainState  # noqa: E402
 
 __all__ = [
     "ActivationCheckpointing",
@@ -24,6 +26,8 @@ __all__ = [
     "Hyperparameters",
     "LogSettings",
     "NumericalHealthError",
+    "PerRankBatches",
+    "TrainState",
     "TrainSummary",
     "TrainerLoop",
     "__version__",

@@ -8,7 +8,7 @@ work on it::
         global_step8/                  one tag folder per checkpoint
             mp_rank_00_model_states.pt ...   DeepSpeed's files (pickles)
             zeroloop_rank_00000.json   this rank's RNG states (JSON)
-            zeroloop_manifest.json     written last: loop position, config, versions, file sizes
+            zeroloop_manifest.json     written last: the TrainState, config, versions, file sizes
 
 How a save stays atomic: every rank writes under a temporary tag (``global_step8.tmp``),
 all ranks fsync their files and agree that every write worked (a failed write on any rank
@@ -36,27 +36,25 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from . import runtime
 from .config import ConfigError, is_int
-from .data import ResumableDistributedSampler, batches_per_epoch
-
-if TYPE_CHECKING:
-    from .loop import TrainerLoop
+from .state import TrainState
 
 log = logging.getLogger("zeroloop")
 
-FORMAT = "zeroloop-checkpoint/1"
+FORMAT = "zeroloop-checkpoint/2"
+FORMAT_1 = "zeroloop-checkpoint/1"  # before TrainState: a per-rank count of micro-batches
 MANIFEST = "zeroloop_manifest.json"
 LATEST = "latest"  # DeepSpeed's name: load_checkpoint(tag=None) reads it too
 TMP_SUFFIX = ".tmp"  # a tag folder still being written; never loaded
 DELETING_SUFFIX = ".deleting"  # an old checkpoint on its way out; never loaded
-REQUIRED_KEYS = ("files", "global_step", "epoch", "batches_in_epoch", "world_size", "zero_stage",
-                 "micro_batch_size", "gradient_accumulation_steps", "total_steps", "sampler_seed")
+REQUIRED_KEYS = ("files", "global_step", "train_state", "world_size", "zero_stage", "micro_batch_size",
+                 "gradient_accumulation_steps", "total_steps", "sampler_seed")
 
 
 class CheckpointError(RuntimeError):
@@ -328,6 +326,8 @@ def read_manifest(tag_dir: str) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({e}); this checkpoint is damaged, "
                               "resume from another one") from None
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT_1:
+        manifest = upgrade_format_1(manifest)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest (format "
                               f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
@@ -345,6 +345,19 @@ def read_manifest(tag_dir: str) -> dict[str, Any]:
             raise CheckpointError(f"{path} is {actual} bytes, the manifest says {size} (truncated or "
                                   "overwritten); this checkpoint is damaged, resume from another one")
     return manifest
+
+
+def upgrade_format_1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 manifest (a per-rank count of micro-batches into the epoch) in today's terms."""
+    upgraded = dict(manifest, format=FORMAT)
+    try:
+        upgraded["train_state"] = TrainState(
+            step=manifest["global_step"], epoch=manifest["epoch"],
+            epoch_samples=manifest["batches_in_epoch"] * manifest["micro_batch_size"] * manifest["world_size"],
+        ).state_dict()
+    except KeyError:
+        pass  # reported as a missing key by read_manifest
+    return upgraded
 
 
 def list_checkpoints(folder: str) -> list[tuple[int, str]]:
@@ -458,25 +471,55 @@ def check_compatible(manifest: dict[str, Any], tag_dir: str, *, world_size: int,
 # --- the manager -------------------------------------------------------------------------------------
 
 
-class Checkpointer:
-    """Saves, prunes and resumes the checkpoints of one :class:`~zeroloop.loop.TrainerLoop`.
+@dataclass(frozen=True)
+class RunFacts:
+    """What a checkpoint records about the run besides the engine and the :class:`TrainState`.
 
-    The loop calls :meth:`resume` at the end of ``setup()``, :meth:`epoch_batches` for each
-    epoch's batches, :meth:`step_end` after every optimizer step and :meth:`finish` at the
-    end. :meth:`save` and :meth:`request_stop` are for users. Every method that touches
-    files is collective: call it on every rank.
-
-    Args:
-        loop: the loop whose state is saved.
-        settings: when to save, how many to keep, what to resume from.
+    Attributes:
+        seed: the loop's seed (it decides the data order).
+        total_steps: optimizer steps of the whole run, when known (an ``"auto"`` scheduler
+            length depends on it).
+        ds_config: the resolved DeepSpeed config.
     """
 
-    def __init__(self, loop: TrainerLoop, settings: CheckpointSettings):
-        self.loop = loop
+    seed: int
+    total_steps: int | None
+    ds_config: dict
+
+
+class Checkpointer:
+    """Saves, prunes and resumes the checkpoints of one run.
+
+    It saves and restores the engine (through DeepSpeed), each rank's RNG states and the
+    :class:`~zeroloop.state.TrainState` it is given, and nothing else of the loop. The loop
+    calls :meth:`resume` at the end of ``setup()``, :meth:`step_end` after every optimizer
+    step and :meth:`finish` at the end. :meth:`save` and :meth:`request_stop` are for
+    users. Every method that touches files is collective: call it on every rank.
+
+    Args:
+        settings: when to save, how many to keep, what to resume from.
+        output_dir: the run's folder (``settings.folder`` is relative to it).
+        engine: the DeepSpeed engine whose state is saved.
+        state: the run's position, saved with it and restored in place on resume.
+        facts: what else the manifest records (seed, run length, config).
+        before_save: called on every rank before each save (collective), to bring ``state``
+            up to date (the loop adds the tokens counted since its last all-reduce).
+    """
+
+    def __init__(self, settings: CheckpointSettings, output_dir: str, *, engine: Any, state: TrainState,
+                 facts: RunFacts, before_save: Callable[[], None] | None = None):
+        import deepspeed.comm as dist
+
         self.settings = settings
+        self.output_dir = output_dir
+        self.engine = engine
+        self.state = state
+        self.facts = facts
+        self.before_save = before_save
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.resumed_from: str | None = None
         self.last_saved_step: int | None = None
-        self._skip_batches = 0  # micro-batches to skip at the start of the next epoch pass
         self._stop_requested = False
         self.stopped = False  # training was stopped (signal or request_stop) and saved
         self._interrupted = False  # a SIGINT was received: the next one aborts
@@ -484,31 +527,31 @@ class Checkpointer:
 
     @property
     def folder(self) -> str:
-        return os.path.join(self.loop.output_dir, os.fspath(self.settings.folder))
+        return os.path.join(self.output_dir, os.fspath(self.settings.folder))
 
     @property
     def node_local(self) -> bool:
         """DeepSpeed's ``"checkpoint": {"use_node_local_storage": true}``: each machine keeps
         the files of its own ranks in its own ``folder`` (a local disk), not a shared one."""
-        use = getattr(self.loop.engine, "use_node_local_storage", None)
+        use = getattr(self.engine, "use_node_local_storage", None)
         return bool(use()) if callable(use) else False
 
     @property
     def _keeps_folder(self) -> bool:
         """This rank prepares, publishes and prunes the folder: rank 0, or with node-local
         storage the first rank of each machine (as DeepSpeed picks its writers)."""
-        return (runtime.local_rank() if self.node_local else self.loop.rank) == 0
+        return (runtime.local_rank() if self.node_local else self.rank) == 0
 
     def _folder_sharers(self) -> tuple[int, int]:
         """(this rank's index, count) among the ranks that write to this rank's folder."""
         if self.node_local:
             return runtime.local_rank(), runtime.local_world_size()
-        return self.loop.rank, self.loop.world_size
+        return self.rank, self.world_size
 
     # --- what users call ----------------------------------------------------------------------
 
     def save(self, tag: str | None = None) -> str:
-        """Save a checkpoint of the loop's current state, atomically. Collective.
+        """Save a checkpoint of the run's current state, atomically. Collective.
 
         Args:
             tag: the tag folder's name; default ``global_step{N}``.
@@ -516,10 +559,13 @@ class Checkpointer:
         Returns:
             The tag folder, complete and named by ``latest`` when this returns.
         """
-        tag = tag or f"global_step{self.loop.global_step}"
+        tag = tag or f"global_step{self.state.step}"
+        if self.before_save is not None:
+            self.before_save()
         path = self._save(tag)
-        self.last_saved_step = self.loop.global_step
-        log.info("checkpoint saved: %s", path)
+        self.last_saved_step = self.state.step
+        if self.rank == 0:
+            log.info("checkpoint saved: %s", path)
         return path
 
     def request_stop(self) -> None:
@@ -527,30 +573,31 @@ class Checkpointer:
         self._stop_requested = True
 
     def load(self, tag_dir: str, manifest: dict[str, Any]) -> None:
-        """Restore the engine (DeepSpeed), this rank's RNG states and the loop's position.
+        """Restore the engine (DeepSpeed), this rank's RNG states and the :class:`TrainState`.
 
         Raises:
-            CheckpointError: DeepSpeed could not load the folder.
+            CheckpointError: DeepSpeed could not load the folder, or its files disagree.
         """
-        engine = self.loop.engine
         folder, tag = os.path.split(os.path.abspath(tag_dir))
         try:
-            load_path, _ = engine.load_checkpoint(folder, tag=tag)
+            load_path, _ = self.engine.load_checkpoint(folder, tag=tag)
         except Exception as e:  # noqa: BLE001 - reported with the folder and the fix
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}: {type(e).__name__}: {e}") from e
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no model states in {tag_dir}")
-        path = os.path.join(tag_dir, rank_file(self.loop.rank))
+        path = os.path.join(tag_dir, rank_file(self.rank))
         with open(path, encoding="utf-8") as f:
             rank_state = json.load(f)
         if rank_state.get("global_step") != manifest["global_step"]:
             raise CheckpointError(f"{path} is from step {rank_state.get('global_step')}, the manifest from step "
                                   f"{manifest['global_step']}; this checkpoint is damaged, resume from another one")
+        try:
+            self.state.load_state_dict(manifest["train_state"])
+        except ValueError as e:
+            raise CheckpointError(f"{os.path.join(tag_dir, MANIFEST)}: {e}; this checkpoint is damaged, resume "
+                                  "from another one") from None
         set_rng_state(rank_state["rng"])
-        replay_cpu_adam_bias_corrections(engine)
-        self.loop.global_step = manifest["global_step"]
-        self.loop.epoch = manifest["epoch"]
-        self._skip_batches = manifest["batches_in_epoch"]
+        replay_cpu_adam_bias_corrections(self.engine)
         self.resumed_from = os.path.abspath(tag_dir)
         self.last_saved_step = manifest["global_step"]
 
@@ -573,7 +620,7 @@ class Checkpointer:
             status, tag_dir, manifest = self._choose_on_every_machine()
         else:
             choice: list[Any] = [None]
-            if self.loop.rank == 0:
+            if self.rank == 0:
                 choice[0] = self._choose()
             dist.broadcast_object_list(choice, src=0)
             status, tag_dir, manifest = choice[0]
@@ -583,19 +630,10 @@ class Checkpointer:
             return None
         self.load(tag_dir, manifest)
         self._warn_on_changes(manifest)
-        log.info("resumed from %s at step %d (epoch %d, %d micro-batches into it)", tag_dir,
-                 manifest["global_step"], manifest["epoch"], manifest["batches_in_epoch"])
+        if self.rank == 0:
+            log.info("resumed from %s at step %d (epoch %d, %d samples into it)", tag_dir, self.state.step,
+                     self.state.epoch, self.state.epoch_samples)
         return tag_dir
-
-    def epoch_batches(self, loader: Iterable) -> Iterator[Any]:
-        """One pass over ``loader``; right after a resume, without the micro-batches the
-        saved run had consumed in this epoch (the loop counts the rest)."""
-        skip, self._skip_batches = self._skip_batches, 0
-        self.loop.batches_in_epoch = skip  # the loop counts on from here
-        if self.loop.total_steps is not None and self.loop.global_step >= self.loop.total_steps:
-            return  # resumed at the end: nothing left to train
-        batches = self._skipping_iterator(loader, skip) if skip else iter(loader)
-        yield from batches
 
     def step_end(self) -> bool:
         """After an optimizer step: agree on a stop request, save when due or stopping. Collective.
@@ -606,19 +644,24 @@ class Checkpointer:
         stop = self._agree_on_stop()
         self.stopped = self.stopped or stop
         every = self.settings.every
-        if stop or (every and self.loop.global_step % every == 0):
+        if stop or (every and self.state.step % every == 0):
             path = self.save()
-            if stop:
+            if stop and self.rank == 0:
                 log.warning("stop requested (signal or request_stop): saved %s at step %d; stopping. "
-                            "Resume with CheckpointSettings(resume=\"latest\")", path, self.loop.global_step)
+                            "Resume with CheckpointSettings(resume=\"latest\")", path, self.state.step)
         return stop
 
-    def finish(self) -> None:
+    def finish(self, progress: bool = False) -> None:
         """The final checkpoint (unless turned off or this step is already saved) and the
-        final safetensors weights (unless turned off, or training was stopped before its
-        end: a stopping job has a grace period to leave in, and gathering a large model
-        takes long; the weights come when the resumed run ends). Collective."""
-        if self.settings.final and self.last_saved_step != self.loop.global_step:
+        final safetensors weights under ``output_dir/final`` (unless turned off, or training
+        was stopped before its end: a stopping job has a grace period to leave in, and
+        gathering a large model takes long; the weights come when the resumed run ends).
+        Collective.
+
+        Args:
+            progress: show a progress bar while writing the final weights (rank 0).
+        """
+        if self.settings.final and self.last_saved_step != self.state.step:
             self.save()
         if self.stopped and self.settings.final_weights:
             log.info("stopped before the end of training: no final weights are written now (the run that "
@@ -626,9 +669,7 @@ class Checkpointer:
         elif self.settings.final_weights:
             from .consolidate import save_final_weights
 
-            loop = self.loop
-            save_final_weights(loop.engine, os.path.join(loop.output_dir, "final"),
-                               progress=loop.rank == 0 and loop.log.progress_bar)
+            save_final_weights(self.engine, os.path.join(self.output_dir, "final"), progress=progress)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT ask for a save and a clean stop; a second SIGINT aborts at once.
@@ -665,7 +706,7 @@ class Checkpointer:
             CheckpointError: a file could not be written (disk full, file-size limit, a
                 read-only or vanished folder, an fsync error), on every rank.
         """
-        loop, engine = self.loop, self.loop.engine
+        engine = self.engine
         rng = rng_state()  # before anything below could draw from a generator
         manifest = self._manifest(tag)
         tmp_dir = os.path.join(self.folder, f"{tag}{TMP_SUFFIX}")
@@ -693,8 +734,8 @@ class Checkpointer:
         os.makedirs(tmp_dir)
 
     def _write_rank_file(self, tmp_dir: str, rng: dict[str, Any]) -> None:
-        with open(os.path.join(tmp_dir, rank_file(self.loop.rank)), "w", encoding="utf-8") as f:
-            json.dump({"rank": self.loop.rank, "global_step": self.loop.global_step, "rng": rng}, f)
+        with open(os.path.join(tmp_dir, rank_file(self.rank)), "w", encoding="utf-8") as f:
+            json.dump({"rank": self.rank, "global_step": self.state.step, "rng": rng}, f)
 
     def _agree(self, tag: str, tmp_dir: str, error: str | None, undo: Callable[[], None] | None = None) -> None:
         """Every rank learns whether any rank failed a stage of the save. Collective.
@@ -709,7 +750,7 @@ class Checkpointer:
         """
         import deepspeed.comm as dist
 
-        errors: list[str | None] = [None] * self.loop.world_size
+        errors: list[str | None] = [None] * self.world_size
         dist.all_gather_object(errors, error)
         failures = [f"rank {rank}: {problem}" for rank, problem in enumerate(errors) if problem]
         if not failures:
@@ -773,29 +814,24 @@ class Checkpointer:
 
         from . import __version__
 
-        loop, engine = self.loop, self.loop.engine
-        batches_in_epoch, epoch = loop.batches_in_epoch, loop.epoch
-        per_epoch = batches_per_epoch(loop.train_loader)
-        if per_epoch is not None and batches_in_epoch >= per_epoch:
-            epoch, batches_in_epoch = epoch + 1, 0  # the epoch is done: resume at the next one
+        engine = self.engine
         return {
             "format": FORMAT,
             "tag": tag,
-            "global_step": loop.global_step,
-            "epoch": epoch,
-            "batches_in_epoch": batches_in_epoch,
+            "global_step": self.state.step,
+            "train_state": self.state.state_dict(),
             "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
             "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
-            "total_steps": loop.total_steps,
-            "sampler_seed": loop.seed,
-            "world_size": loop.world_size,
+            "total_steps": self.facts.total_steps,
+            "sampler_seed": self.facts.seed,
+            "world_size": self.world_size,
             "zero_stage": int(engine.zero_optimization_stage()),
             "lr_scheduler": _json_or_none(engine.lr_scheduler.state_dict() if engine.lr_scheduler else None),
             "loss_scale": _loss_scale(engine),
             "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
-            "ds_config": _json_or_none(loop.ds_config),
+            "ds_config": _json_or_none(self.facts.ds_config),
             "versions": {"zeroloop": __version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__},
-            "rank_files": [rank_file(r) for r in range(loop.world_size)],
+            "rank_files": [rank_file(r) for r in range(self.world_size)],
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
@@ -839,7 +875,7 @@ class Checkpointer:
         dist.barrier()  # no rank reads a folder while its machine's first rank cleans it
         status, found, manifest = self._find_and_check()
         complete = dict(list_checkpoints(self.folder))
-        views: list[Any] = [None] * self.loop.world_size
+        views: list[Any] = [None] * self.world_size
         dist.all_gather_object(views, (status, found, manifest and manifest["global_step"], sorted(complete)))
         errors = [f"rank {rank}: {view[1]}" for rank, view in enumerate(views) if view[0] == "error"]
         if errors:
@@ -854,7 +890,7 @@ class Checkpointer:
                              "machine must keep its own ranks' files in its own folder). Copy a machine's "
                              "missing checkpoint back, or pass resume=None to start fresh"), None
         step = max(common)
-        if self.loop.rank == 0:
+        if self.rank == 0:
             log.warning("the machines' newest complete checkpoints differ (%s): resuming from step %d, the "
                         "newest on every machine", sorted(chosen, key=lambda s: (s is None, s)), step)
         return "ok", complete[step], read_manifest(complete[step])
@@ -867,10 +903,9 @@ class Checkpointer:
                 log.info("no checkpoint to resume from in %s: starting fresh", self.folder)
                 return "ok", None, None
             manifest = read_manifest(tag_dir)
-            engine = self.loop.engine
-            check_compatible(manifest, tag_dir, world_size=self.loop.world_size,
-                             zero_stage=int(engine.zero_optimization_stage()),
-                             micro_batch_size=engine.train_micro_batch_size_per_gpu())
+            check_compatible(manifest, tag_dir, world_size=self.world_size,
+                             zero_stage=int(self.engine.zero_optimization_stage()),
+                             micro_batch_size=self.engine.train_micro_batch_size_per_gpu())
             return "ok", tag_dir, manifest
         except (CheckpointError, OSError) as e:  # every rank raises it, none waits forever
             return "error", str(e), None
@@ -887,43 +922,24 @@ class Checkpointer:
 
     def _warn_on_changes(self, manifest: dict[str, Any]) -> None:
         """Settings that let training go on but make it differ from an uninterrupted run."""
-        engine = self.loop.engine
         changes = []
-        if manifest["sampler_seed"] != self.loop.seed:
-            changes.append(f"seed {manifest['sampler_seed']} -> {self.loop.seed} (data order changes)")
-        if manifest["gradient_accumulation_steps"] != engine.gradient_accumulation_steps():
+        if manifest["sampler_seed"] != self.facts.seed:
+            changes.append(f"seed {manifest['sampler_seed']} -> {self.facts.seed} (data order changes)")
+        if manifest["gradient_accumulation_steps"] != self.engine.gradient_accumulation_steps():
             changes.append(f"gradient_accumulation_steps {manifest['gradient_accumulation_steps']} -> "
-                           f"{engine.gradient_accumulation_steps()}")
-        if manifest["total_steps"] != self.loop.total_steps:
-            changes.append(f"total steps {manifest['total_steps']} -> {self.loop.total_steps} (an \"auto\" "
+                           f"{self.engine.gradient_accumulation_steps()}")
+        if manifest["total_steps"] != self.facts.total_steps:
+            changes.append(f"total steps {manifest['total_steps']} -> {self.facts.total_steps} (an \"auto\" "
                            "scheduler length changes the LR schedule)")
-        if changes and self.loop.rank == 0:
+        if changes and self.rank == 0:
             log.warning("resuming with changed settings, training will differ from an uninterrupted run: %s",
                         "; ".join(changes))
-
-    def _skipping_iterator(self, loader: Iterable, skip: int) -> Iterator[Any]:
-        """An iterator over ``loader`` past its first ``skip`` micro-batches, made without
-        drawing from the global torch RNG (the saved state already reflects that draw)."""
-        torch_state = torch.get_rng_state()
-        sampler = getattr(loader, "sampler", None)
-        batch_size = getattr(loader, "batch_size", None)
-        if isinstance(sampler, ResumableDistributedSampler) and isinstance(batch_size, int):
-            sampler.skip_next_pass(skip * batch_size)  # no sample of the skipped batches is loaded
-            batches = iter(loader)
-        else:
-            log.warning("train_data's sampler cannot skip: reading and discarding %d micro-batches to "
-                        "reach the resume position", skip)
-            batches = iter(loader)
-            for _ in range(skip):
-                next(batches, None)
-        torch.set_rng_state(torch_state)
-        return batches
 
     def _agree_on_stop(self) -> bool:
         """True on every rank when any rank was asked to stop (one small all-reduce)."""
         import deepspeed.comm as dist
 
-        flag = torch.tensor([1 if self._stop_requested else 0], dtype=torch.int32, device=self.loop.engine.device)
+        flag = torch.tensor([1 if self._stop_requested else 0], dtype=torch.int32, device=self.engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -940,6 +956,7 @@ class Checkpointer:
         self._stop_requested = True
         log.warning("%s received: saving a checkpoint at the next optimizer step, then stopping "
                     "(a second SIGINT aborts at once)", name)
+
 
 
 def replay_cpu_adam_bias_corrections(engine) -> int:
@@ -999,5 +1016,5 @@ def _loss_scale(engine) -> float | None:
         return None
 
 
-__all__ = ["CheckpointError", "CheckpointSettings", "Checkpointer", "check_compatible", "find_checkpoint",
+__all__ = ["CheckpointError", "CheckpointSettings", "Checkpointer", "RunFacts", "check_compatible", "find_checkpoint",
            "list_checkpoints", "read_manifest"]

@@ -24,14 +24,16 @@ from torch import nn
 from . import runtime
 from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
-from .checkpoint import Checkpointer, CheckpointSettings
+from .checkpoint import Checkpointer, CheckpointSettings, RunFacts
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
-from .data import batches_per_epoch, build_loader, count_samples, count_tokens, move_to_device, set_epoch
+from .data import RankBatches, count_rows, count_tokens, loader_batch_size, move_to_device, rank_batches
 from .launcher import shield_loader_workers
 from .metrics import MetricsLog, ProgressBar
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
+from .state import TrainState
 
 log = logging.getLogger("zeroloop")
+_END = object()  # what next() returns on an exhausted iterator here
 
 
 @dataclass(frozen=True)
@@ -55,17 +57,20 @@ class TrainSummary:
     """What :meth:`TrainerLoop.train` returns (the same on every rank).
 
     Attributes:
-        steps: optimizer steps taken.
-        micro_steps: forward/backward passes.
-        epochs: full passes over the training data completed.
+        steps: optimizer steps of the run (those before a resume included).
+        micro_steps: forward/backward passes of this call.
+        epochs: full passes over the training data completed in the run.
         final_loss: the last logged training loss (mean over ranks), nats if cross-entropy.
         eval_loss: the last evaluation loss, or None without ``eval_data``.
-        samples, tokens: consumed over all ranks (tokens None when batches carry none).
+        samples, tokens: consumed over all ranks in this call: micro-steps x micro-batch
+            size x ranks, as the loop batched them (tokens None when batches carry none).
         wall_time_s: seconds spent in the loop, set-up excluded.
         samples_per_sec, tokens_per_sec: over all ranks, over ``wall_time_s``.
-        skipped_steps: optimizer steps skipped for fp16 overflow (DeepSpeed's count).
-        skipped_micro_batches: micro-batches dropped for a non-finite loss (policy "skip").
-        history: every logged metrics record, in order.
+        skipped_steps: optimizer steps of the run skipped for fp16 overflow (DeepSpeed's count).
+        skipped_micro_batches: micro-batches of the run dropped for a non-finite loss (policy "skip").
+        history: every logged metrics record of this call, in order.
+        warnings: what ended or changed the run unexpectedly (e.g. ``train_data`` ran out
+            before ``max_steps``); each is also logged.
     """
 
     steps: int = 0
@@ -81,14 +86,15 @@ class TrainSummary:
     skipped_steps: int = 0
     skipped_micro_batches: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class _Window:
-    """Loss, samples and tokens since the last logged step, kept on the device so the
-    hot loop never waits for the accelerator."""
+    """This rank's loss and tokens since the last logged step, the loss kept on the device
+    so the hot loop never waits for the accelerator."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -97,14 +103,12 @@ class _Window:
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.micro_steps = 0
-        self.samples = 0
         self.tokens: int | None = None
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, samples: int, tokens: int | None) -> None:
+    def add(self, loss: torch.Tensor, tokens: int | None) -> None:
         self.loss_sum += loss.detach().double()
         self.micro_steps += 1
-        self.samples += samples
         if tokens is not None:
             self.tokens = (self.tokens or 0) + tokens
 
@@ -116,8 +120,11 @@ class TrainerLoop:
         model: the model; its trainable parameters go to the optimizer.
         config: a DeepSpeed config dict or the path of a JSON file; ``"auto"`` values are
             filled from ``hparams`` and the world size (see :mod:`zeroloop.config`).
-        train_data: a map-style ``Dataset`` (the loop builds a ``DataLoader`` over a
-            seeded ``DistributedSampler``), a ready ``DataLoader`` or any iterable of batches.
+        train_data: a map-style ``Dataset`` or a list of samples, a ``DataLoader`` (split
+            across ranks keeping its settings), an ``IterableDataset`` of samples, or
+            :class:`~zeroloop.data.PerRankBatches` of ready batches; every sample of an
+            epoch goes to exactly one rank, batched at the configured micro-batch size
+            (see :mod:`zeroloop.data`).
         eval_data: same kinds as ``train_data``; evaluated every ``eval_every`` steps and
             at the end.
         output_dir: where ``ds_config.resolved.json`` and ``metrics.jsonl`` go.
@@ -194,18 +201,28 @@ class TrainerLoop:
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
-        self.train_loader = None
-        self.eval_loader = None
+        self.state = TrainState()  # the run's position; what checkpoints save and restore
+        self.train_batches: RankBatches | None = None  # this rank's micro-batches, built by setup()
+        self.eval_batches: RankBatches | None = None
         self.total_steps: int | None = None
-        self.global_step = 0
-        self.epoch = 0
-        self.batches_in_epoch = 0  # micro-batches taken from the current epoch
         self.rank = 0
         self.world_size = 1
         self._owns_process_group = False
         self._metrics_log: MetricsLog | None = None
         self._scale_monitor: LossScaleMonitor | None = None
         self._nonfinite: NonFiniteGuard | None = None
+        self._unsynced_tokens = 0  # this rank's tokens not yet added to state.tokens
+        self._warnings: list[str] = []  # for the summary: what ended the run unexpectedly
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done (``state.step``)."""
+        return self.state.step
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being trained, from 0 (``state.epoch``)."""
+        return self.state.epoch
 
     # --- what subclasses override -----------------------------------------------------
 
@@ -262,39 +279,41 @@ class TrainerLoop:
         if self.checkpointer is not None:
             self.checkpointer.install_signal_handlers()
             # The rank decides when to stop; its DataLoader workers must survive the signal.
-            shield_loader_workers(self.train_loader)
-            shield_loader_workers(self.eval_loader)
+            for batches in (self.train_batches, self.eval_batches):
+                shield_loader_workers(getattr(batches, "loader", getattr(batches, "batches", None)))
         self.on_train_start()
-        bar = ProgressBar(self.total_steps, initial=self.global_step,
+        bar = ProgressBar(self.total_steps, initial=self.state.step,
                           enabled=self.rank == 0 and self.log.progress_bar)
         summary, window = TrainSummary(), _Window(engine.device)
+        samples_before, tokens_before = self.state.samples, self.state.tokens
         started = time.perf_counter()
         try:
             for batch in self._micro_batches():
                 batch = self._to_device(batch)
                 loss = self.compute_loss(batch)
-                if self._nonfinite and self._nonfinite.should_skip(loss, self.global_step, self.batches_in_epoch - 1,
-                                                                  self.epoch):
+                if self._nonfinite and self._skip_non_finite(loss):
                     continue
                 engine.backward(loss)
                 # Ask before step(): step() advances the micro-step counter.
                 boundary = engine.is_gradient_accumulation_boundary()
-                logging_step = boundary and self._is_logging_step(self.global_step + 1)
+                logging_step = boundary and self._is_logging_step(self.state.step + 1)
                 norm = self._grad_norm_before_step() if logging_step else None
                 engine.step()
-                window.add(loss, count_samples(batch), count_tokens(batch))
+                tokens = count_tokens(batch)
+                window.add(loss, tokens)
+                self._unsynced_tokens += tokens or 0
                 summary.micro_steps += 1
                 if boundary and self._end_step(summary, window, bar, logging_step, norm):
                     break
             if window.micro_steps:  # a tail since the last logged step
-                summary.final_loss = self._reduce_window(window, summary)["loss"]
+                summary.final_loss = self._reduce_window(window)["loss"]
             bar.close()
 
-            self._complete_summary(summary, time.perf_counter() - started)
-            if self.eval_loader is not None and not self._evaluation_due():
+            self._complete_summary(summary, time.perf_counter() - started, samples_before, tokens_before)
+            if self.eval_batches is not None and not self._evaluation_due():
                 summary.eval_loss = self.evaluate()["eval_loss"]
             if self.checkpointer is not None:
-                self.checkpointer.finish()
+                self.checkpointer.finish(progress=self.rank == 0 and self.log.progress_bar)
             self.on_train_end(summary)
         except BaseException:
             bar.close()
@@ -310,26 +329,26 @@ class TrainerLoop:
         Returns:
             True when training must stop (``max_steps`` reached, or a stop was requested).
         """
-        self.global_step += 1
+        self.state.step += 1
         if self._nonfinite:
-            self._nonfinite.check_step(self.global_step)
+            self._nonfinite.check_step(self.state.step)
         metrics = self._step_metrics(summary, window, logging_step, norm)
         bar.update(1, metrics if logging_step else None)
-        self.on_step_end(self.global_step, metrics)
+        self.on_step_end(self.state.step, metrics)
         if self._evaluation_due():
             summary.eval_loss = self.evaluate()["eval_loss"]
         if self.checkpointer is not None and self.checkpointer.step_end():
             return True  # stop requested (SIGTERM/SIGINT): saved, leave cleanly
-        return self.total_steps is not None and self.global_step >= self.total_steps
+        return self.total_steps is not None and self.state.step >= self.total_steps
 
     def _step_metrics(self, summary: TrainSummary, window: _Window, logging_step: bool,
                       norm: float | None) -> dict[str, Any]:
         """This step's metrics; on logging steps, also averaged over ranks and written out."""
-        metrics = {"step": self.global_step, "epoch": self.epoch, "lr": self.current_lr()}
+        metrics = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.current_lr()}
         if self._scale_monitor:
-            metrics.update(self._scale_monitor.after_step(self.global_step))
+            metrics.update(self._scale_monitor.after_step(self.state.step))
         if logging_step:
-            metrics.update(self._reduce_window(window, summary))
+            metrics.update(self._reduce_window(window))
             metrics["grad_norm"] = grad_norm_of(self.engine, fallback=norm)
             self._metrics_log.write(metrics)
             summary.history.append(metrics)
@@ -338,20 +357,31 @@ class TrainerLoop:
         return metrics
 
     def _evaluation_due(self) -> bool:
-        return bool(self.eval_every) and self.global_step % self.eval_every == 0
+        return bool(self.eval_every) and self.state.step % self.eval_every == 0
 
-    def _complete_summary(self, summary: TrainSummary, wall_time_s: float) -> None:
-        self._close_finished_epoch()
-        summary.steps, summary.epochs = self.global_step, self.epoch
+    def _complete_summary(self, summary: TrainSummary, wall_time_s: float, samples_before: int,
+                          tokens_before: int | None) -> None:
+        self._sync_tokens()
+        state = self.state
+        summary.steps = state.step
+        summary.epochs = state.epochs_completed(self.train_batches.samples_per_epoch())
+        summary.samples = state.samples - samples_before
+        if state.tokens is not None:
+            summary.tokens = state.tokens - (tokens_before or 0)
         summary.skipped_steps = int(self.engine.skipped_steps)
-        summary.skipped_micro_batches = self._nonfinite.skipped if self._nonfinite else 0
+        summary.skipped_micro_batches = state.skipped_micro_batches
         summary.wall_time_s = wall_time_s
         summary.samples_per_sec = summary.samples / wall_time_s
         if summary.tokens is not None:
             summary.tokens_per_sec = summary.tokens / wall_time_s
+        summary.warnings = list(self._warnings)
 
     def evaluate(self) -> dict[str, Any]:
         """Mean ``compute_loss`` over ``eval_data``, weighted by samples, over all ranks.
+
+        Every sample of ``eval_data`` is evaluated once, on one rank. Under ZeRO-3 (where a
+        forward pass is collective) a rank whose share ran out repeats its last batch
+        with weight 0 until every rank is done.
 
         Returns:
             ``{"step": ..., "eval_loss": ...}`` (also written to metrics.jsonl).
@@ -359,19 +389,18 @@ class TrainerLoop:
         import deepspeed.comm as dist
 
         engine = self.setup()
-        if self.eval_loader is None:
+        if self.eval_batches is None:
             raise RuntimeError("evaluate() needs eval_data; pass it to TrainerLoop")
         engine.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss*samples, samples
         with torch.no_grad():
-            for batch in self.eval_loader:
+            for batch, weight in self._weighted_eval_batches():
                 batch = self._to_device(batch)
-                samples = count_samples(batch) or 1
-                totals[0] += self.compute_loss(batch).double() * samples
-                totals[1] += samples
+                totals[0] += self.compute_loss(batch).double() * weight
+                totals[1] += weight
         engine.train()
         dist.all_reduce(totals)
-        metrics = {"step": self.global_step, "eval_loss": (totals[0] / totals[1].clamp(min=1)).item()}
+        metrics = {"step": self.state.step, "eval_loss": (totals[0] / totals[1].clamp(min=1)).item()}
         self._metrics_log.write(metrics)
         self.on_evaluate(metrics)
         return metrics
@@ -386,9 +415,10 @@ class TrainerLoop:
         """Build everything ``train()`` needs; runs once, later calls return the engine.
 
         Order: check arguments; prepare the process (rank variables, CPU threads, seeds,
-        process group); resolve the config and build the training loader; memory pre-flight;
-        activation checkpointing; ``deepspeed.initialize``; health checks, evaluation
-        loader, metrics file; resume from a checkpoint.
+        process group); resolve the config and build this rank's training and evaluation
+        batches; write the resolved config; memory pre-flight; activation checkpointing;
+        ``deepspeed.initialize``; release the /dev/shm buffer's name; health checks;
+        metrics file; checkpointer and resume from a checkpoint.
 
         Returns:
             The ``DeepSpeedEngine`` (also ``self.engine``).
@@ -400,19 +430,16 @@ class TrainerLoop:
             return self.engine
         self._check_args()
         self._prepare_process()
-        if self.checkpoint is not None:
-            self.checkpointer = Checkpointer(self, self.checkpoint)
         self.ds_config = self._resolve_config()
         self._write_resolved_config()
         self._check_memory()
         self._apply_activation_checkpointing()
         self.engine = self._build_engine()
         self._build_health_checks()
-        self.eval_loader = self._build_eval_loader()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
                                        enabled=self.rank == 0)
-        if self.checkpointer is not None:
-            self.checkpointer.resume()
+        if self.checkpoint is not None:
+            self._resume()
         return self.engine
 
     def _check_args(self) -> None:
@@ -441,22 +468,21 @@ class TrainerLoop:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def _resolve_config(self) -> dict:
-        """Resolve ``"auto"`` and validate; builds the train loader on the way, since the
-        scheduler's length depends on the loader's and the loader on the micro-batch."""
+        """Resolve ``"auto"`` and validate; builds this rank's batches on the way, since the
+        scheduler's length depends on the data's and the batching on the micro-batch."""
         raw = load_config(self.config)
         hp = self.hparams
-        loader_batch = getattr(self.train_data, "batch_size", None)
-        if hp.micro_batch_size is None and isinstance(loader_batch, int):
+        loader_batch = loader_batch_size(self.train_data)
+        if hp.micro_batch_size is None and loader_batch is not None:
             hp = replace(hp, micro_batch_size=loader_batch)
         sizes = batch_sizes(raw, hp, self.world_size)
         problems = []
         if sizes is not None:
             micro, accum = sizes
-            self.train_loader = build_loader(self.train_data, micro_batch_size=micro, rank=self.rank,
-                                             world_size=self.world_size, seed=self.seed, train=True)
-            self.total_steps = self._count_total_steps(accum)
+            problems += self._build_batches(micro)
+            self.total_steps = self._count_total_steps(accum) if self.train_batches else None
             if self.total_steps == 0:
-                problems.append(f"epochs: {self.epochs} epoch(s) of {batches_per_epoch(self.train_loader)} "
+                problems.append(f"epochs: {self.epochs} epoch(s) of {self.train_batches.micro_batches_per_epoch()} "
                                 f"micro-batches make no optimizer step at gradient_accumulation_steps="
                                 f"{accum}; use more data, more epochs or max_steps")
         if self.optimizer is not None and "optimizer" in raw:
@@ -475,10 +501,28 @@ class TrainerLoop:
             raise ConfigError(problems)
         return resolved
 
+    def _build_batches(self, micro_batch_size: int) -> list[str]:
+        """This rank's training and evaluation batches; the problems found, for ConfigError."""
+        problems = []
+        for name, data in (("train_data", self.train_data), ("eval_data", self.eval_data)):
+            if data is None:
+                continue
+            try:
+                batches = rank_batches(data, name=name, micro_batch_size=micro_batch_size, rank=self.rank,
+                                       world_size=self.world_size, seed=self.seed, train=name == "train_data")
+            except ConfigError as e:
+                problems += e.problems
+                continue
+            if name == "train_data":
+                self.train_batches = batches
+            else:
+                self.eval_batches = batches
+        return problems
+
     def _count_total_steps(self, accum: int) -> int | None:
         if self.epochs is None:
             return self.max_steps
-        per_epoch = batches_per_epoch(self.train_loader)
+        per_epoch = self.train_batches.micro_batches_per_epoch()
         if per_epoch is None:
             return self.max_steps
         by_epochs = self.epochs * per_epoch // accum
@@ -523,40 +567,103 @@ class TrainerLoop:
         else:
             self._nonfinite = non_finite_guard(self.health, self.rank, self.world_size, self.engine.device)
 
-    def _build_eval_loader(self):
-        if self.eval_data is None:
-            return None
-        return build_loader(self.eval_data, micro_batch_size=self.engine.train_micro_batch_size_per_gpu(),
-                            rank=self.rank, world_size=self.world_size, seed=self.seed, train=False)
+    def _resume(self) -> None:
+        """Build the checkpointer and resume per its settings; a resumed run's metrics file
+        drops the records of steps it will train again."""
+        facts = RunFacts(seed=self.seed, total_steps=self.total_steps, ds_config=self.ds_config)
+        self.checkpointer = Checkpointer(self.checkpoint, self.output_dir, engine=self.engine, state=self.state,
+                                         facts=facts, before_save=self._sync_tokens)
+        if self.checkpointer.resume() is not None:
+            self._metrics_log.drop_after(self.state.step)
 
     # --- the loop's helpers --------------------------------------------------------------
 
     def _micro_batches(self):
-        """Micro-batches across epochs; the sampler is reshuffled at each epoch start."""
-        while self.epochs is None or self.epoch < self.epochs:
-            set_epoch(self.train_loader, self.epoch)
-            # After a resume, the checkpointer skips what the saved run consumed of this epoch.
-            batches = self.train_loader if self.checkpointer is None else \
-                self.checkpointer.epoch_batches(self.train_loader)
+        """This rank's micro-batches across epochs, from the state's position on.
+
+        Every micro-batch is counted in ``state`` as it is handed out. An epoch that yields
+        nothing from its start means the data is exhausted (a one-shot iterable): training
+        ends there, and says so when ``max_steps`` or ``epochs`` was not reached.
+        """
+        state, data = self.state, self.train_batches
+        while self.epochs is None or state.epoch < self.epochs:
+            if self.total_steps is not None and state.step >= self.total_steps:
+                return  # resumed at the end: nothing left to train
+            start = state.epoch_samples
+            batches = data.epoch(state.epoch, start)
+            if data.ends_per_rank and self.world_size > 1:
+                batches = self._while_every_rank_has_one(batches)
             for batch in batches:
-                self.batches_in_epoch += 1
+                state.advance(data.samples_per_micro_step)
                 yield batch
-            if self.batches_in_epoch == 0:
-                if self.global_step == 0:
-                    raise RuntimeError("train_data yielded no batches: is it empty, or smaller than "
-                                       "micro_batch_size x world size (the tail is dropped)?")
-                return  # a one-shot iterable is exhausted
-            self._end_epoch()
+            if start == 0 and state.epoch_samples == 0:
+                self._data_ran_out()
+                return
+            state.end_epoch()
 
-    def _end_epoch(self) -> None:
-        self.epoch += 1
-        self.batches_in_epoch = 0
+    def _data_ran_out(self) -> None:
+        if self.state.micro_steps == 0:
+            raise ConfigError([f"{self.train_batches.kind}: yielded no batches; pass data with at least one "
+                               "micro-batch per rank"], subject="TrainerLoop arguments")
+        wanted = f"max_steps={self.total_steps}" if self.total_steps is not None else f"epochs={self.epochs}"
+        message = (f"{self.train_batches.kind} ran out after {self.state.step} optimizer steps and "
+                   f"{self.state.epoch} epoch(s), before {wanted}: a one-shot iterable (a generator) cannot "
+                   "be iterated again; pass a Dataset, a list or a re-iterable IterableDataset, or fewer steps")
+        self._warnings.append(message)
+        if self.rank == 0:
+            log.warning(message)
 
-    def _close_finished_epoch(self) -> None:
-        """Count an epoch whose last batch was the run's last (the loop stopped before the
-        loader could say it was exhausted)."""
-        if self.batches_in_epoch and self.batches_in_epoch == batches_per_epoch(self.train_loader):
-            self._end_epoch()
+    def _while_every_rank_has_one(self, batches):
+        """Stop every rank at the first micro-step where any rank has no batch left (ready
+        per-rank batches may differ in number; a rank alone in a collective would hang)."""
+        iterator = iter(batches)
+        while True:
+            batch = next(iterator, _END)
+            if not self._on_every_rank(batch is not _END):
+                return
+            yield batch
+
+    def _weighted_eval_batches(self):
+        """``(batch, samples)`` of this rank's share of ``eval_data``; under ZeRO-3 on several
+        ranks, padded with ``(last batch, 0)`` until every rank's share is done."""
+        batches = self.eval_batches.epoch(0)
+        if self.engine.zero_optimization_stage() != 3 or self.world_size == 1:
+            yield from ((batch, count_rows(batch)) for batch in batches)
+            return
+        iterator, last = iter(batches), None
+        while True:
+            batch = next(iterator, _END)
+            if not self._on_any_rank(batch is not _END):
+                return
+            if batch is not _END:
+                last = batch
+                yield batch, count_rows(batch)
+            elif last is None:
+                raise RuntimeError(f"{self.eval_batches.kind}: rank {self.rank} got no evaluation batch while "
+                                   "others did; ZeRO-3 needs every rank in every forward pass: pass at least "
+                                   "one sample per rank")
+            else:
+                yield last, 0
+
+    def _on_every_rank(self, flag: bool) -> bool:
+        return self._all_reduce_flag(flag, "MIN")
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        return self._all_reduce_flag(flag, "MAX")
+
+    def _all_reduce_flag(self, flag: bool, op: str) -> bool:
+        import deepspeed.comm as dist
+
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self.engine.device)
+        dist.all_reduce(value, op=getattr(dist.ReduceOp, op))
+        return bool(value.item())
+
+    def _skip_non_finite(self, loss: torch.Tensor) -> bool:
+        """Ask the non-finite guard about this micro-batch's loss; count it when dropped."""
+        index = self.state.epoch_samples // self.train_batches.samples_per_micro_step - 1
+        skip = self._nonfinite.should_skip(loss, self.state.step, index, self.state.epoch)
+        self.state.skipped_micro_batches += skip
+        return skip
 
     def _to_device(self, batch: Any) -> Any:
         return move_to_device(batch, self.engine.device, self._compute_dtype())
@@ -568,25 +675,41 @@ class TrainerLoop:
             return torch.float16
         return None
 
-    def _reduce_window(self, window: _Window, summary: TrainSummary) -> dict[str, Any]:
-        """Average the window's loss over ranks and micro-steps; count samples and tokens."""
+    def _reduce_window(self, window: _Window) -> dict[str, Any]:
+        """Average the window's loss over ranks and micro-steps, with its throughput; also
+        brings ``state.tokens`` up to date (the same all-reduce)."""
         import deepspeed.comm as dist
 
         has_tokens = window.tokens is not None
-        stats = torch.tensor([0.0, window.micro_steps, window.samples, window.tokens or 0],
+        stats = torch.tensor([0.0, window.micro_steps, window.tokens or 0, self._unsynced_tokens],
                              dtype=torch.float64, device=window.device)
         stats[0] = window.loss_sum
         dist.all_reduce(stats)
         elapsed = time.perf_counter() - window.started
-        loss_sum, micro_steps, samples, tokens = stats.tolist()
-        summary.samples += int(samples)
-        if has_tokens:
-            summary.tokens = (summary.tokens or 0) + int(tokens)
+        loss_sum, micro_steps, tokens, unsynced = stats.tolist()
+        self._add_synced_tokens(int(unsynced), has_tokens)
+        samples = window.micro_steps * self.train_batches.samples_per_micro_step
         return {
             "loss": loss_sum / max(micro_steps, 1),
             "samples_per_sec": samples / elapsed,
             "tokens_per_sec": tokens / elapsed if has_tokens else None,
         }
+
+    def _sync_tokens(self) -> None:
+        """Add every rank's tokens since the last sync to ``state.tokens`` (collective; before
+        a save and at the end, so a checkpoint's count is exact)."""
+        import deepspeed.comm as dist
+
+        pending = torch.tensor([self._unsynced_tokens, int(self.state.tokens is not None or
+                                                             self._unsynced_tokens > 0)],
+                               dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(pending)
+        self._add_synced_tokens(int(pending[0].item()), bool(pending[1].item()))
+
+    def _add_synced_tokens(self, tokens: int, has_tokens: bool) -> None:
+        self._unsynced_tokens = 0
+        if has_tokens:
+            self.state.add_tokens(tokens)
 
     def _is_logging_step(self, step: int) -> bool:
         return step % self.log.every == 0 or step == self.total_steps

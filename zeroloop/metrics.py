@@ -65,6 +65,20 @@ class MetricsLog:
         self.file.write(json.dumps({k: json_safe(v) for k, v in record.items()}) + "\n")
         self.file.flush()
 
+    def drop_after(self, step: int) -> None:
+        """Remove the records of steps after ``step`` (a resumed run trains them again, so each
+        step stays in the file once). Rewritten through a temporary file and ``os.replace``."""
+        if self.file is None:
+            return
+        self.file.close()
+        with open(self.path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a", encoding="utf-8")
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()

@@ -92,7 +92,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
                         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads), **env}
             proc = ctx.Process(target=_rank_main, args=(fn, rank, rank_env, args, sender),
-                               name=f"zeroloop-rank-{rank}", daemon=True)
+                               name=f"zeroloop-rank-{rank}")  # not daemonic: DataLoader workers may start
             proc.start()
             sender.close()
             conns.append(receiver)
@@ -154,6 +154,7 @@ def _stop(procs) -> None:
 
 def _rank_main(fn, rank: int, env: dict[str, str], args: tuple, conn) -> None:
     """Entry point of a rank process: run ``fn``, report, tear down, leave at once."""
+    _die_with_parent()
     os.environ.update(env)
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     code = 0
@@ -173,6 +174,18 @@ def _rank_main(fn, rank: int, env: dict[str, str], args: tuple, conn) -> None:
     # Skip interpreter finalization: gloo's threads can abort it ("terminate called
     # without an active exception"), and everything worth keeping has been sent.
     os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill this rank when the test process dies (ranks are not daemonic,
+    so that DataLoader workers can start, and must not outlive a killed pytest)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _destroy_process_group() -> None:
@@ -316,45 +329,49 @@ def engine_loop(model: torch.nn.Module, config: dict, train_data: Any, steps: in
     """The loop users write by hand, as the reference for a ``TrainerLoop``.
 
     ``deepspeed.initialize``, then ``engine.backward`` / ``engine.step`` for ``steps``
-    optimizer steps over a ``DataLoader`` on a ``DistributedSampler`` seeded like
-    ``TrainerLoop``'s (shuffled, ``drop_last``, ``set_epoch`` each epoch). Needs a process
-    group (``deepspeed.init_distributed()``); every rank calls it.
+    optimizer steps, on the data order ``TrainerLoop`` promises: per epoch a permutation
+    seeded by ``seed + epoch``, cut into global micro-batches of micro-batch x ranks
+    samples, of which rank r takes the r-th slice (the ragged tail dropped). It uses torch
+    and DeepSpeed only, none of zeroloop's own helpers, so that a bug in one of them cannot
+    hide by showing on both sides of a comparison. Needs a process group
+    (``deepspeed.init_distributed()``); every rank calls it.
 
     Args:
         model: a freshly built model, initialized like the one given to the loop.
-        config: a DeepSpeed config without ``"auto"`` values.
-        train_data: a map-style dataset.
+        config: a DeepSpeed config with numbers, not ``"auto"``, for the batch sizes.
+        train_data: a map-style dataset (or list) of samples.
         steps: optimizer steps.
         seed: the loop's seed.
-        loss: ``loss(engine, batch) -> tensor``; default: the default ``compute_loss`` rules.
+        loss: ``loss(engine, batch) -> tensor``; default: the model's scalar output, or its
+            ``.loss`` / ``["loss"]``.
 
     Returns:
         This rank's micro-batch losses and final weights.
     """
-    import deepspeed
-    import torch.distributed as dist
-    from torch.utils.data import DataLoader, DistributedSampler
+    import random
 
-    from .config import resolve_config
-    from .data import move_to_device
-    from .loop import loss_from_output
-    from .runtime import seed_everything
+    import deepspeed
+    import numpy as np
+    import torch.distributed as dist
+    from torch.utils.data import default_collate
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    resolved = resolve_config(config, world_size=world)
-    seed_everything(seed)
-    engine, *_ = deepspeed.initialize(model=model, config=resolved,
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    engine, *_ = deepspeed.initialize(model=model, config=config,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
-    sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(train_data, batch_size=resolved["train_micro_batch_size_per_gpu"], sampler=sampler,
-                        drop_last=True)
+    micro = engine.train_micro_batch_size_per_gpu()
+    group = micro * world
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
-    loss = loss or (lambda eng, batch: loss_from_output(eng(**batch) if isinstance(batch, dict) else eng(*batch)))
+    loss = loss or _reference_loss
     losses, step, epoch = [], 0, 0
     while step < steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            value = loss(engine, move_to_device(batch, engine.device, dtype))
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, len(order) // group * group, group):
+            indices = order[start + rank * micro:start + (rank + 1) * micro]
+            batch = _to_engine(default_collate([train_data[i] for i in indices]), engine.device, dtype)
+            value = loss(engine, batch)
             engine.backward(value)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -366,6 +383,24 @@ def engine_loop(model: torch.nn.Module, config: dict, train_data: Any, steps: in
     weights = full_parameters(engine)
     engine.destroy()
     return EngineLoopResult(losses, weights)
+
+
+def _to_engine(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """The reference loop's own move to the engine: floats in the compute dtype."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, dtype) if dtype is not None and batch.is_floating_point() else batch.to(device)
+    if isinstance(batch, dict):
+        return {key: _to_engine(value, device, dtype) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_engine(value, device, dtype) for value in batch)
+    return batch
+
+
+def _reference_loss(engine, batch: Any) -> torch.Tensor:
+    output = engine(**batch) if isinstance(batch, dict) else engine(*batch)
+    if isinstance(output, torch.Tensor):
+        return output
+    return output["loss"] if isinstance(output, dict) else output.loss
 
 
 def assert_matches_engine_loop(make_loop: Callable[[torch.nn.Module], Any], make_model: Callable[[], torch.nn.Module],
