@@ -27,6 +27,7 @@ from .activation import apply as apply_activation_checkpointing
 from .checkpoint import Checkpointer, CheckpointSettings, RunFacts
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import RankBatches, count_rows, count_tokens, loader_batch_size, move_to_device, rank_batches
+from .launcher import shield_loader_workers
 from .metrics import CustomMetrics, MetricsLog, ProgressBar
 from .monitors import MonitorFeed, missing_package_problems, with_output_paths
 from .ops import announce_builds
@@ -333,6 +334,9 @@ class TrainerLoop:
         engine = self.setup()
         if self.checkpointer is not None:
             self.checkpointer.install_signal_handlers()
+            # The rank decides when to stop; its DataLoader workers must survive the signal.
+            for batches in (self.train_batches, self.eval_batches):
+                shield_loader_workers(getattr(batches, "loader", getattr(batches, "batches", None)))
         self.on_train_start()
         bar = ProgressBar(self.total_steps, initial=self.state.step,
                           enabled=self.rank == 0 and self.log.progress_bar)
@@ -359,20 +363,18 @@ class TrainerLoop:
                     break
             if window.micro_steps:  # a tail since the last logged step
                 summary.final_loss = self._reduce_window(window)["loss"]
+            bar.close()
+
+            self._complete_summary(summary, time.perf_counter() - started, samples_before, tokens_before)
+            if self.eval_batches is not None and not self._evaluation_due():
+                summary.eval_loss = self.evaluate()["eval_loss"]
+            if self.checkpointer is not None:
+                self.checkpointer.finish(progress=self.rank == 0 and self.log.progress_bar)
+            self.on_train_end(summary)
         except BaseException:
+            bar.close()
             self._finish(clean=False)
             raise
-        finally:
-            bar.close()
-            if self.checkpointer is not None:
-                self.checkpointer.remove_signal_handlers()
-
-        self._complete_summary(summary, time.perf_counter() - started, samples_before, tokens_before)
-        if self.eval_batches is not None and not self._evaluation_due():
-            summary.eval_loss = self.evaluate()["eval_loss"]
-        if self.checkpointer is not None:
-            self.checkpointer.finish(progress=self.rank == 0 and self.log.progress_bar)
-        self.on_train_end(summary)
         self._finish()
         return summary
 
@@ -502,7 +504,6 @@ class TrainerLoop:
         self._check_memory()
         self._apply_activation_checkpointing()
         self.engine = self._build_engine()
-        self._after_engine_init()
         self._build_health_checks()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
                                        enabled=self.rank == 0)
@@ -634,14 +635,6 @@ class TrainerLoop:
             config=self.ds_config,
         )
         return engine
-
-    def _after_engine_init(self) -> None:
-        import deepspeed.comm as dist
-
-        # Every peer has mapped this rank's /dev/shm buffer once all ranks pass the
-        # barrier after init; its name can go now (the mappings stay valid).
-        dist.barrier()
-        runtime.unlink_own_shm_buffer()
 
     def _build_health_checks(self) -> None:
         if self.engine.fp16_enabled():
@@ -813,6 +806,10 @@ class TrainerLoop:
         if self._metrics_log is not None:
             self._metrics_log.close()
         runtime.teardown(self.engine, destroy_process_group=self._owns_process_group, barrier=clean)
+        # Only now: a launcher forwards SIGTERM again while the ranks save and export, and
+        # that must not kill them half-way (the handler ignores a repeated SIGTERM).
+        if self.checkpointer is not None:
+            self.checkpointer.remove_signal_handlers()
 
 
 def fp16_support_problems(config: Mapping[str, Any]) -> list[str]:
