@@ -83,13 +83,15 @@ def init_distributed() -> bool:
     import deepspeed
     import deepspeed.comm as dist
 
-    from .ops import skip_unused_builds
+    from .ops import clear_stale_build_locks, skip_unused_builds
 
     ensure_rank_env()
     set_cpu_threads()
     register_exit_pause()
     cache_cpu_info()
     started = not dist.is_initialized()
+    if started and local_rank() == 0:
+        clear_stale_build_locks()  # else a lock left by a killed build makes the ops' loads wait forever
     skip_unused_builds()  # the CPU shm all-reduce op: a minute of compiling that training never uses
     deepspeed.init_distributed()
     release_shm_buffer()
