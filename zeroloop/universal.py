@@ -233,37 +233,52 @@ def _check_stage0_order(meta: dict, trained: list, tag_dir: str) -> None:
                               "model.parameters() in order (frozen ones, or several models) cannot be converted")
 
 
-def _moment_keys(keys: tuple, moment: str, index: int) -> tuple:
-    """Where a moment sits, given where the master weight's piece is (same offsets)."""
-    if keys[:2] == (OPTIMIZER_STATE, ZERO12_FP32_GROUPS):
-        return (OPTIMIZER_STATE, "base_optimizer_state", "state", keys[2], moment)
+def _moment_keys(keys: tuple, moment: str, index: int) -> list[tuple]:
+    """Where a moment may sit, given where the master weight's piece is (same offsets)."""
+    if keys[:2] == (OPTIMIZER_STATE, ZERO12_FP32_GROUPS):  # the base optimizer's state, or its elastic list
+        return [(OPTIMIZER_STATE, "base_optimizer_state", "state", keys[2], moment),
+                (OPTIMIZER_STATE, "base_optimizer_state", keys[2], moment)]
     if keys[:2] == (OPTIMIZER_STATE, ZERO3_FP32_GROUPS):
-        return (OPTIMIZER_STATE, "optimizer_state_dict", "state", keys[2], moment)
+        return [(OPTIMIZER_STATE, "optimizer_state_dict", "state", keys[2], moment)]
     if keys[:2] == ("optimizer", "fp32_groups_flat"):  # stage 0 bf16/fp16: FP16_Optimizer
-        return ("optimizer", "optimizer_state_dict", "state", keys[2], moment)
+        return [("optimizer", "optimizer_state_dict", "state", keys[2], moment)]
     if keys[0] == "module":  # stage 0 fp32: the torch-style optimizer state, one entry per param
-        return ("optimizer", "state", index, moment)
+        return [("optimizer", "state", index, moment)]
     raise CheckpointError(f"no optimizer state is known for a weight stored at {keys}")
 
 
 def _moment_pieces(files: _Files, pieces: list[Piece], moment: str, index: int) -> list[Piece] | None:
-    """The pieces of a moment, or None when the optimizer holds none (never updated: zeros)."""
-    moved = [Piece(p.file, _moment_keys(p.keys, moment, index), p.src_offset, p.dst_offset, p.numel)
-             for p in pieces]
-    try:
-        for piece in moved:
-            files.tensor(piece)
-    except (KeyError, IndexError, TypeError):
-        return None
+    """The pieces of a moment, or None when the optimizer holds no state for that tensor
+    yet (saved before its first update: zeros, as Adam starts).
+
+    Raises:
+        CheckpointError: the optimizer state is not where any known layout puts it.
+    """
+    moved = []
+    for piece in pieces:
+        candidates = _moment_keys(piece.keys, moment, index)
+        keys = next((k for k in candidates if _lookup_or_none(files.get(piece.file), k) is not None), None)
+        if keys is None:
+            state = _lookup_or_none(files.get(piece.file), candidates[0][:-2])
+            if isinstance(state, dict) and candidates[0][-2] not in state:
+                return None  # no state for this tensor: it was never updated
+            raise CheckpointError(f"{piece.file}: no {moment} found at {candidates[0]}; this optimizer's state "
+                                  "is laid out in a way the conversion does not know")
+        moved.append(Piece(piece.file, keys, piece.src_offset, piece.dst_offset, piece.numel))
     return moved
 
 
-def _step_near(files: _Files, piece: Piece, index: int) -> Any:
-    keys = _moment_keys(piece.keys, "step", index)
+def _lookup_or_none(state: Any, keys: tuple) -> Any:
     try:
-        return _lookup(files.get(piece.file), keys)
+        return _lookup(state, keys)
     except (KeyError, IndexError, TypeError):
         return None
+
+
+def _step_near(files: _Files, piece: Piece, index: int) -> Any:
+    state = files.get(piece.file)
+    return next((step for keys in _moment_keys(piece.keys, "step", index)
+                 if (step := _lookup_or_none(state, keys)) is not None), None)
 
 
 def _optimizer_state(files: _Files, tag_dir: str, meta: dict, stage: int, step: Any) -> dict[str, Any]:
@@ -305,11 +320,11 @@ def _stage0_loss_scaler(source: dict, ds_config: dict) -> dict[str, Any]:
     fp16 = ds_config.get("fp16") or {}
     if not source.get("dynamic_loss_scale"):
         return {"loss_scaler": LossScaler(scale=source["cur_scale"]), "dynamic_loss_scale": False}
-    scaler = DynamicLossScaler(init_scale=source["cur_scale"], scale_factor=source.get("scale_factor", 2.0),
-                               scale_window=source.get("scale_window", 1000),
+    scaler = DynamicLossScaler(init_scale=source["cur_scale"], scale_window=source.get("scale_window", 1000),
                                min_scale=fp16.get("min_loss_scale", 1), delayed_shift=fp16.get("hysteresis", 2),
                                consecutive_hysteresis=fp16.get("consecutive_hysteresis", False),
                                dtype=torch.float16)
+    scaler.scale_factor = source.get("scale_factor", scaler.scale_factor)
     scaler.cur_iter = source.get("cur_iter", 0)
     scaler.last_overflow_iter = source.get("last_overflow_iter", -1)
     return {"loss_scaler": scaler, "dynamic_loss_scale": True}
