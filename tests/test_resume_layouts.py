@@ -39,13 +39,21 @@ SCENARIOS = {
     "fp16": (2, 2, 1, 2, "fp16", None),
     "offload2": (2, 2, 2, 2, "fp32", "optimizer"),
     "offload3": (2, 3, 2, 3, "fp32", "production"),
+    "nvme_params": (2, 3, 2, 3, "fp32", "nvme_params"),
 }
 FP32_LAYOUT_CHANGES = ["2to1", "1to2", "stage2to3", "stage3to1", "stage0to2"]
 MOMENTS_CHECKED = ["2to1", "stage3to1", "stage2to3", "fp16"]
 OVERFLOW_STEPS = (2, 3)  # fp16: injected overflows, so the scaler's state is not its initial one
 
 
-def layout_config(stage, precision, offload):
+def aio_builds():
+    """DeepSpeed's async_io op (NVMe offload) can build here: it needs libaio's headers."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().is_compatible(verbose=False)
+
+
+def layout_config(stage, precision, offload, root):
     """The saving and the resuming run's config: batch sizes left to "auto"."""
     config = tiny_config(stage=stage, precision=precision, lr=1e-2)
     config.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto")
@@ -58,6 +66,9 @@ def layout_config(stage, precision, offload):
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if offload == "production":
             config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+        if offload == "nvme_params":  # parameters swapped to a local folder through DeepSpeed's aio op
+            config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": os.path.join(root, "nvme"),
+                                                            "pin_memory": True}
     return config
 
 
@@ -122,7 +133,7 @@ def train(root, name, part, stage, precision, offload, hparams=None, stop_at=Non
     """One loop of a scenario; ``part`` is "straight", "first" or "resumed"."""
     output_dir = os.path.join(root, name, "straight" if part == "straight" else "run")
     checkpoint = None if part == "straight" else CheckpointSettings(resume=resume, final_weights=False)
-    loop = LayoutLoop(make_model(0), layout_config(stage, precision, offload), train_data=RegressionData(64),
+    loop = LayoutLoop(make_model(0), layout_config(stage, precision, offload, root), train_data=RegressionData(64),
                       output_dir=output_dir, max_steps=STEPS, seed=3, hparams=hparams or Hyperparameters(),
                       log=LogSettings(every=1, progress_bar=False), checkpoint=checkpoint, stop_at=stop_at,
                       overflow_steps=OVERFLOW_STEPS if precision == "fp16" else (),
@@ -151,12 +162,13 @@ def resumes(root, names, resume="latest"):
                         resume=resume) for name in names}
 
 
-def launch_a(rank, root):
+def launch_a(rank, root, nvme):
     import deepspeed
 
     deepspeed.init_distributed()
     with fp16_on_cpu():
-        results = firsts(root, ["2to1", "stage2to3", "stage3to1", "bf16", "fp16", "offload2", "offload3"])
+        results = firsts(root, ["2to1", "stage2to3", "stage3to1", "bf16", "fp16", "offload2", "offload3"]
+                         + ["nvme_params"] * nvme)
         return results, resumes(root, ["stage2to3"])
 
 
@@ -176,11 +188,11 @@ def launch_b(rank, root, ds_universal):
         return firsts(root, ["1to2", "stage0to2"]), resumed
 
 
-def launch_c(rank, root):
+def launch_c(rank, root, nvme):
     import deepspeed
 
     deepspeed.init_distributed()
-    return resumes(root, ["1to2", "stage0to2", "offload2", "offload3"])
+    return resumes(root, ["1to2", "stage0to2", "offload2", "offload3"] + ["nvme_params"] * nvme)
 
 
 def kill_during_conversion(tag_dir):
@@ -204,14 +216,15 @@ def deepspeed_to_universal(tag_dir, output):
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("layouts"))
-    first_a, resumed_a = run_ranks(launch_a, 2, root, timeout=1500)[0]
+    nvme = aio_builds()
+    first_a, resumed_a = run_ranks(launch_a, 2, root, nvme, timeout=1500)[0]
     tag = os.path.join(root, "2to1", "run", "checkpoints", f"global_step{STOP}")
     kill_during_conversion(tag)
     killed = sorted(os.listdir(universal_sibling(tag) + ".tmp"))
     ds_universal = os.path.join(root, "ds_universal_input")
     deepspeed_to_universal(tag, ds_universal)
     first_b, resumed_b = run_ranks(launch_b, 1, root, ds_universal, timeout=1500)[0]
-    resumed_c = run_ranks(launch_c, 2, root, timeout=1500)[0]
+    resumed_c = run_ranks(launch_c, 2, root, nvme, timeout=1500)[0]
     return {"root": root, "first": {**first_a, **first_b}, "resumed": {**resumed_a, **resumed_b, **resumed_c},
             "killed": killed, "killed_tag": tag}
 
@@ -298,9 +311,12 @@ def test_deepspeed_universal_checkpoint_is_resume_input(layouts):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("name", ["offload2", "offload3"])
+@pytest.mark.parametrize("name", ["offload2", "offload3", "nvme_params"])
 def test_offloaded_optimizer_resumes_bit_exactly(layouts, name):
     # DeepSpeedCPUAdam on the CPU ranks; the resume runs in new processes (launch C).
+    # nvme_params: ZeRO-3 parameters swapped to a local folder (DeepSpeed's aio op).
+    if name not in layouts["resumed"]:
+        pytest.skip("DeepSpeed's async_io op cannot build here (it needs libaio's headers: apt install libaio-dev)")
     straight, first = layouts["first"][name]["straight"], layouts["first"][name]["first"]
     resumed = layouts["resumed"][name]
     assert first["losses"] + resumed["losses"] == straight["losses"]

@@ -113,6 +113,14 @@ def test_changed_settings_are_applied_or_refused_never_silent():
     assert all("CheckpointSettings(resume=None)" in line for line in refused)
 
 
+def test_nvme_optimizer_offload_is_refused_with_the_reason():
+    nvme = resolved(zero_optimization={"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}})
+    [refused] = plan_resume(manifest(stage=3, **{"zero_optimization": nvme["zero_optimization"]}), nvme, 2).refused
+    assert "restores only the optimizer sub-groups it swapped to NVMe" in refused
+    params_on_nvme = resolved(zero_optimization={"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/x"}})
+    assert not plan_resume(manifest(stage=3), params_on_nvme, 2).refused
+
+
 def test_layout_of_a_config():
     config = resolved(stage=3, bf16={"enabled": True},
                       zero_optimization={"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True}})

@@ -135,6 +135,16 @@ def replace_latest(folder: str, tag: str) -> None:
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 
 
+def folder_files(folder: str) -> dict[str, int]:
+    """``{path relative to folder: bytes}`` of every file under ``folder``, sorted."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return dict(sorted(found.items()))
+
+
 def rank_file(rank: int) -> str:
     return f"zeroloop_rank_{rank:05d}.json"
 
@@ -416,15 +426,15 @@ class Checkpointer:
         return os.path.join(self.folder, tag)
 
     def _fsync_share(self, tmp_dir: str) -> None:
-        """This rank's share of fsyncing every file in the folder (fsync works on any file)."""
-        names = sorted(os.listdir(tmp_dir))
+        """This rank's share of fsyncing every file and sub-folder in the folder (fsync works
+        on any file; NVMe offload saves its swap files in ``offloaded_tensors/``)."""
+        names = sorted(folder_files(tmp_dir)) + [os.path.relpath(root, tmp_dir) for root, _, _ in os.walk(tmp_dir)]
         for name in names[self.rank::self.world_size]:
             fsync_path(os.path.join(tmp_dir, name))
 
     def _publish(self, tmp_dir: str, tag: str, manifest: dict[str, Any]) -> None:
         """Rank 0: manifest last, rename into place, then ``latest``; each step durable."""
-        manifest["files"] = {name: os.path.getsize(os.path.join(tmp_dir, name))
-                             for name in sorted(os.listdir(tmp_dir))}
+        manifest["files"] = folder_files(tmp_dir)
         write_json_durably(os.path.join(tmp_dir, MANIFEST), manifest)
         final_dir = os.path.join(self.folder, tag)
         if os.path.exists(final_dir):  # the same step saved before (e.g. after resuming an older one)

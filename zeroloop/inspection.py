@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .checkpoint import folder_files
 from .manifest import LATEST, MANIFEST, CheckpointError, read_manifest
 from .resume import saved_layout, saved_train_batch
 from .universal import UNIVERSAL_MANIFEST, UNIVERSAL_SUFFIX, is_deepspeed_universal, read_universal_manifest
@@ -55,7 +56,7 @@ def _is_tag_folder(path: str) -> bool:
 
 def describe_tag(tag_dir: str) -> dict[str, Any]:
     """One tag folder: its files, whether it is complete, and what its manifest says."""
-    files = _files(tag_dir)
+    files = folder_files(tag_dir)
     info: dict[str, Any] = {"path": tag_dir, "files": files, "bytes": sum(files.values())}
     if os.path.isfile(os.path.join(tag_dir, UNIVERSAL_MANIFEST)) or tag_dir.endswith(UNIVERSAL_SUFFIX):
         info["kind"] = "universal conversion"
@@ -86,15 +87,6 @@ def describe_tag(tag_dir: str) -> dict[str, Any]:
                 saved_at=manifest.get("saved_at"), versions=manifest.get("versions"),
                 universal_copy=os.path.isdir(tag_dir + UNIVERSAL_SUFFIX))
     return info
-
-
-def _files(folder: str) -> dict[str, int]:
-    found = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = os.path.getsize(path)
-    return dict(sorted(found.items()))
 
 
 def format_inspection(info: dict[str, Any], files: bool = True) -> str:

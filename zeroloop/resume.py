@@ -50,6 +50,14 @@ PRECISION_KEYS = ("fp16.enabled", "bf16.enabled", "bfloat16.enabled")
 REFUSED = {"optimizer.type": "the optimizer's state does not carry over to another optimizer",
            "fp16.loss_scale": "the saved loss scaler (static or dynamic) continues"}
 NEW_RUN = "start a new run instead (another output_dir, or CheckpointSettings(resume=None))"
+# Measured with DeepSpeed 0.19.8 (docs/checkpoints.md): its load_checkpoint skips the ZeRO
+# state when the optimizer is offloaded to NVMe and copies back only the swapped files, so
+# sub-groups kept in memory (below 1 MiB per rank) come back at their initial values.
+NVME_OPTIMIZER = ("offload_optimizer device \"nvme\": DeepSpeed's load_checkpoint restores only the optimizer "
+                  "sub-groups it swapped to NVMe; those it kept in memory (under 1 MiB per rank) come back at their "
+                  "initial values, so the resume would silently train from partly reset weights. Resume with "
+                  "offload_optimizer device \"cpu\" (offload_param \"nvme\" resumes exactly), or "
+                  "start a new run (another output_dir, or CheckpointSettings(resume=None))")
 
 
 @dataclass(frozen=True)
@@ -119,9 +127,14 @@ class ResumePlan:
         return "; ".join(self.changes)
 
 
-def saved_layout(manifest: Mapping[str, Any]) -> Layout:
-    config = manifest.get("ds_config") or {}
-    layout = layout_of(config, manifest["world_size"])
+def saved_layout(manifest: Mapping[str, Any], run: Layout | None = None) -> Layout:
+    """The layout a checkpoint was saved with; what its manifest does not record (a config
+    it could not hold as JSON) is taken to be ``run``'s."""
+    config = manifest.get("ds_config")
+    layout = layout_of(config or {}, manifest["world_size"])
+    if not config and run is not None:
+        layout = replace(layout, precision=run.precision, offload_optimizer=run.offload_optimizer,
+                         offload_param=run.offload_param)
     return replace(layout, zero_stage=int(manifest["zero_stage"]))
 
 
@@ -139,7 +152,8 @@ def plan_resume(manifest: Mapping[str, Any], ds_config: Mapping[str, Any], world
     Returns:
         The plan; its ``refused`` list is empty when the checkpoint can be resumed.
     """
-    saved, run = saved_layout(manifest), layout_of(ds_config, world_size)
+    run = layout_of(ds_config, world_size)
+    saved = saved_layout(manifest, run)
     plan = ResumePlan(saved=saved, run=run,
                       universal=bool(manifest.get("universal")) or not loads_natively(saved, run))
     if saved != run:
@@ -148,6 +162,8 @@ def plan_resume(manifest: Mapping[str, Any], ds_config: Mapping[str, Any], world
         if not plan.same_ranks:
             plan.changes.append(f"per-rank RNG states re-seeded from (seed, step, rank): they cannot be mapped "
                                 f"from {saved.world_size} to {run.world_size} ranks")
+    if "nvme" in (saved.offload_optimizer, run.offload_optimizer):
+        plan.refused.append(NVME_OPTIMIZER)
     if saved.precision != run.precision:
         plan.refused.append(f"precision {saved.precision} -> {run.precision}: the loss scaler and the weights' "
                             f"dtype do not carry over; set it back to {saved.precision}, or {NEW_RUN}")

@@ -433,16 +433,11 @@ def publish(staging: str, final: str, plan: UniversalPlan) -> dict[str, Any]:
     """Write the manifest (listing every file and its size) last, then rename into place
     (every file is on disk already: :func:`write_params` and :func:`write_common` flushed)."""
     from . import __version__
-    from .checkpoint import fsync_path, write_json_durably
+    from .checkpoint import folder_files, fsync_path, write_json_durably
 
-    files = {}
-    for root, _, names in os.walk(staging):
-        for name in names:
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, staging)] = os.path.getsize(path)
     manifest = {"format": UNIVERSAL_FORMAT, "source": os.path.basename(plan.tag_dir),
                 "source_zero_stage": plan.stage, "source_world_size": plan.world_size,
-                "params": len(plan.params), "zeroloop": __version__, "files": dict(sorted(files.items()))}
+                "params": len(plan.params), "zeroloop": __version__, "files": folder_files(staging)}
     write_json_durably(os.path.join(staging, UNIVERSAL_MANIFEST), manifest)
     os.rename(staging, final)
     fsync_path(os.path.dirname(final))
