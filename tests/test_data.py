@@ -313,3 +313,71 @@ def test_a_stream_loader_position_with_workers():
                            micro_batch_size=2, rank=1, world_size=2, seed=0, train=True)
     ids = [batch["id"].tolist() for batch in batches.epoch(0, skip_samples=8)]
     assert ids == [[10, 11], [14, 15], [18, 19]]
+
+
+# --- evaluation on uneven shares, and a stream resumed mid-epoch ---------------------------------
+
+
+def eval_and_stream_resume_ranks(rank, root):
+    import os
+
+    import deepspeed
+
+    from zeroloop import CheckpointSettings
+    from zeroloop.testing import full_parameters
+
+    deepspeed.init_distributed()
+    # 9 evaluation samples in micro-batches of 2 on 2 ranks: rank 0 gets [0,1] [4,5] [8], rank 1
+    # [2,3] [6,7]: under ZeRO-3 rank 1 must keep joining rank 0's forward passes.
+    eval_data = IdData(9)
+    loop = Recording(make_model(), tiny_config(stage=3, micro=2), train_data=IdData(8), eval_data=eval_data,
+                     output_dir=os.path.join(root, "eval"), max_steps=1, log=QUIET)
+    summary = loop.train()
+    weights = {name: value.numpy() for name, value in full_parameters(loop.engine).items()}
+
+    def stream_run(name, stop_at=None, **kwargs):
+        run = Recording(make_model(), tiny_config(stage=1, micro=2, ga=2, lr=1e-2), train_data=IdStream(40),
+                        output_dir=os.path.join(root, name), max_steps=6, seed=SEED, log=QUIET, **kwargs)
+
+        def stop(step, metrics):
+            if step == stop_at:
+                run.checkpointer.request_stop()
+
+        run.on_step_end = stop
+        result = run.train()
+        return [h["loss"] for h in result.history], [step["ids"] for step in run.seen]
+
+    settings = CheckpointSettings(final_weights=False)
+    straight = stream_run("straight")
+    stopped = stream_run("run", stop_at=3, checkpoint=settings)
+    resumed = stream_run("run", checkpoint=settings)
+    return {"eval_loss": summary.eval_loss, "eval_weights": weights, "straight": straight, "stopped": stopped,
+            "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def eval_and_stream(tmp_path_factory):
+    return run_ranks(eval_and_stream_resume_ranks, 2, str(tmp_path_factory.mktemp("eval_stream")))
+
+
+@pytest.mark.multirank
+def test_zero3_evaluation_counts_every_sample_once_on_uneven_shares(eval_and_stream):
+    result = eval_and_stream[0]
+    model = make_model()
+    model.load_state_dict({name: torch.from_numpy(value) for name, value in result["eval_weights"].items()})
+    data = IdData(9)
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(model.net(data.x), data.y).item()
+    assert result["eval_loss"] == pytest.approx(expected, rel=1e-6)
+    assert eval_and_stream[1]["eval_loss"] == result["eval_loss"]
+
+
+@pytest.mark.multirank
+def test_a_stream_resumed_mid_epoch_continues_exactly(eval_and_stream):
+    for result in eval_and_stream:
+        straight_losses, straight_ids = result["straight"]
+        stopped_losses, stopped_ids = result["stopped"]
+        resumed_losses, resumed_ids = result["resumed"]
+        assert len(stopped_losses) == 3 and len(resumed_losses) == 3
+        assert stopped_losses + resumed_losses == straight_losses
+        assert stopped_ids + resumed_ids == straight_ids  # the next unseen samples, none twice

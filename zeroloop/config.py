@@ -43,7 +43,6 @@ KNOWN_TOP_LEVEL_KEYS = frozenset({
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 # DeepSpeed's defaults, used for bucket "auto" values when the model's hidden size is unknown.
 DEFAULT_BUCKETS = {
     "reduce_bucket_size": 500_000_000,
@@ -173,6 +172,10 @@ def resolve_config(
         problems += resolve_scheduler(cfg, hp, total_steps)
         problems += resolve_buckets(cfg, hidden_size)
         problems += [f"{key}: \"auto\" cannot be resolved here; set a value" for key in find_auto(cfg)]
+    if not problems:  # values filled in from the loop's arguments meet the constructors too
+        from .constructors import optimizer_problems, scheduler_problems
+
+        problems += optimizer_problems(cfg) + scheduler_problems(cfg)
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
@@ -207,7 +210,27 @@ def validate_structure(cfg: dict) -> list[str]:
     problems += check_zero(cfg.get("zero_optimization", {}))
     problems += check_named_section(cfg, "optimizer")
     problems += check_named_section(cfg, "scheduler")
+    problems += check_against_deepspeed(cfg)
     return problems
+
+
+# Sections read inside by the checks above and below; the rest is swept for numbers written as strings.
+CHECKED_SECTIONS = frozenset({*BATCH_KEYS, "gradient_clipping", "fp16", "bf16", "zero_optimization", "optimizer",
+                              "scheduler", "activation_checkpointing", "compile", "tensorboard", "wandb",
+                              "csv_monitor", "comet", "comms_logger"})
+
+
+def check_against_deepspeed(cfg: Mapping) -> list[str]:
+    """Each section against what DeepSpeed builds from it: the optimizer's and scheduler's
+    constructors (:mod:`zeroloop.constructors`), DeepSpeed's pydantic schemas
+    (:mod:`zeroloop.schemas`); numbers written as strings anywhere else."""
+    from .constructors import optimizer_problems, scheduler_problems
+    from .schemas import numeric_string_problems, schema_problems
+
+    problems = optimizer_problems(cfg) + scheduler_problems(cfg)
+    problems += schema_problems(cfg, skip={"zero_optimization": {"stage"}})
+    rest = {key: value for key, value in cfg.items() if key not in CHECKED_SECTIONS}
+    return problems + numeric_string_problems(rest, "")
 
 
 def unknown_keys(section: Mapping, known: frozenset | set, prefix: str) -> list[str]:
@@ -236,7 +259,8 @@ def check_batch_types(cfg: Mapping) -> list[str]:
 
 
 def check_sections_are_objects(cfg: Mapping) -> list[str]:
-    sections = ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler", "activation_checkpointing")
+    sections = ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler", "activation_checkpointing",
+                "compile", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger")
     return [f"{key}: must be a JSON object, got {type(cfg[key]).__name__}"
             for key in sections if key in cfg and not isinstance(cfg[key], Mapping)]
 
@@ -279,7 +303,9 @@ def check_fp16(fp16: Mapping) -> list[str]:
 
 
 def check_zero(zero: Mapping) -> list[str]:
-    problems = unknown_keys(zero, zero_config_keys(), prefix="zero_optimization.")
+    """The stage and what depends on it; keys, types and bounds are DeepSpeed's schema's
+    (:func:`zeroloop.schemas.schema_problems`)."""
+    problems = []
     stage = zero.get("stage", 0)
     if not is_int(stage) or not 0 <= stage <= 3:
         problems.append(f"zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
@@ -289,29 +315,11 @@ def check_zero(zero: Mapping) -> list[str]:
             problems.append(f"zero_optimization.{key}: only used by ZeRO stage 3 but stage is {stage}; "
                             "remove it or set \"stage\": 3")
     for key in ("offload_optimizer", "offload_param"):
-        problems += check_offload(zero.get(key), f"zero_optimization.{key}")
-    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-                "stage3_param_persistence_threshold", "stage3_max_live_parameters",
-                "stage3_max_reuse_distance", "sub_group_size"):
-        problems += check_number(zero, key, minimum=0, prefix="zero_optimization.")
-    for key in ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions"):
-        if key in zero and not isinstance(zero[key], bool):
-            problems.append(f"zero_optimization.{key}: must be true or false, got {zero[key]!r}")
+        offload = zero.get(key)
+        if isinstance(offload, Mapping) and offload.get("device") == "nvme" and not offload.get("nvme_path"):
+            problems.append(f"zero_optimization.{key}.nvme_path: offloading to nvme needs a path on a local "
+                            "NVMe drive, e.g. \"nvme_path\": \"/local_nvme\"")
     return problems
-
-
-def check_offload(offload: Any, name: str) -> list[str]:
-    if offload is None:
-        return []
-    if not isinstance(offload, Mapping):
-        return [f"{name}: must be a JSON object such as {{\"device\": \"cpu\"}}, got {offload!r}"]
-    device = offload.get("device", "none")
-    if device not in OFFLOAD_DEVICES:
-        return [f"{name}.device: must be one of {', '.join(OFFLOAD_DEVICES)}, got {device!r}"]
-    if device == "nvme" and not offload.get("nvme_path"):
-        return [f"{name}.nvme_path: offloading to nvme needs a path on a local NVMe drive, "
-                "e.g. \"nvme_path\": \"/local_nvme\""]
-    return []
 
 
 def check_number(section: Mapping, key: str, minimum: float, prefix: str = "") -> list[str]:
@@ -336,18 +344,6 @@ def check_named_section(cfg: Mapping, key: str) -> list[str]:
     if not isinstance(section.get("params", {}), Mapping):
         problems.append(f"{key}.params: must be a JSON object")
     return problems
-
-
-def zero_config_keys() -> frozenset:
-    """Every key ``zero_optimization`` accepts, read from DeepSpeed's own pydantic model."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    keys = set()
-    for name, field in DeepSpeedZeroConfig.model_fields.items():
-        keys.add(name)
-        if field.alias:
-            keys.add(field.alias)
-    return frozenset(keys)
 
 
 # --- "auto" resolution ---------------------------------------------------------------------

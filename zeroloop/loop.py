@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import runtime
+from . import arguments, runtime
 from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
 from .checkpoint import CheckpointError, Checkpointer, CheckpointSettings, RunFacts
@@ -235,7 +235,8 @@ class TrainerLoop:
         or carry the loss as ``.loss`` or ``["loss"]`` (Hugging Face style).
 
         Raises:
-            TypeError: the model's output holds no loss; pass ``loss_fn`` or override this.
+            TypeError: the model's output holds no loss, or its ``forward`` cannot take the
+                batch; the message names ``loss_fn=`` and ``compute_loss``.
         """
         if self.loss_fn is not None:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -243,12 +244,18 @@ class TrainerLoop:
                                 f"{type(batch).__name__}. Override compute_loss for other shapes")
             inputs, targets = batch
             return self.loss_fn(self.engine(inputs), targets)
-        if isinstance(batch, Mapping):
-            output = self.engine(**batch)
-        elif isinstance(batch, (tuple, list)):
-            output = self.engine(*batch)
-        else:
-            output = self.engine(batch)
+        try:
+            if isinstance(batch, Mapping):
+                output = self.engine(**batch)
+            elif isinstance(batch, (tuple, list)):
+                output = self.engine(*batch)
+            else:
+                output = self.engine(batch)
+        except TypeError as e:  # say so when it is the batch's shape (data the loop could not peek at)
+            problems = arguments.batch_problems(self.model, batch, None)
+            if problems:
+                raise TypeError(problems[0]) from e
+            raise
         return loss_from_output(output)
 
     def on_train_start(self) -> None:
@@ -456,10 +463,14 @@ class TrainerLoop:
                 problems.append(f"{name}: must be a positive integer or None, got {value!r}")
         if not is_int(self.log.every) or self.log.every < 1:
             problems.append(f"log.every: must be a positive integer, got {self.log.every!r}")
-        if not isinstance(self.model, nn.Module):
-            problems.append(f"model: must be a torch.nn.Module, got {type(self.model).__name__}")
+        problems += arguments.model_problems(self.model)
+        problems += arguments.output_dir_problems(self.output_dir)
+        problems += arguments.client_problems(self.optimizer, self.lr_scheduler)
         if self.loss_fn is not None and not callable(self.loss_fn):
             problems.append("loss_fn: must be callable as loss_fn(outputs, targets)")
+        elif isinstance(self.model, nn.Module) and type(self).compute_loss is TrainerLoop.compute_loss:
+            peeked, sample = arguments.first_sample(self.train_data)
+            problems += arguments.batch_problems(self.model, sample, self.loss_fn) if peeked else []
         problems += self.health.problems()
         if problems:
             raise ConfigError(problems, subject="TrainerLoop arguments")

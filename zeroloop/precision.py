@@ -44,9 +44,9 @@ class HealthPolicy:
         max_consecutive_overflows: overflowing optimizer steps (fp16), or skipped
             micro-batches (``non_finite="skip"``), in a row that count as persistent and stop
             the run whatever the policy (gpt-neox uses 50).
-        non_finite: under bf16/fp32, a NaN or infinite loss: ``"raise"`` stops at the end of
-            that optimizer step with the step, rank and batch index (no collective; one
-            look per optimizer step); ``"skip"`` drops that micro-batch on every rank (no
+        non_finite: under bf16/fp32, a NaN or infinite loss: ``"raise"`` stops every rank at
+            the end of that optimizer step with the step, rank and batch index (one small
+            all-reduce per optimizer step); ``"skip"`` drops that micro-batch on every rank (no
             backward, no step) and counts it, at the price of one small all-reduce per
             micro-batch; ``"off"`` does not check.
     """
@@ -189,34 +189,54 @@ class NonFiniteGuard:
 
 
 class RaiseOnNonFinite(NonFiniteGuard):
-    """Policy "raise": stop at the end of the optimizer step whose micro-batch had a
-    non-finite loss, before anything is logged or saved from it.
+    """Policy "raise": stop every rank at the end of the optimizer step in which a
+    micro-batch had a non-finite loss on any rank, before anything is logged or saved from it.
 
-    The loss is checked on the device as it comes, and looked at once per optimizer step:
-    no collective, and on a GPU one synchronisation per step rather than per micro-batch.
-    (An all-reduce per micro-batch cost 2.5% of a 95 ms step on 2 CPU ranks.) The rank
-    that saw it raises; the launcher then stops the others.
+    Each loss is noted on the device as it comes; once per optimizer step the ranks agree
+    through one all-reduce of a (world size x 2) tensor, rank r's row holding its first bad
+    micro-batch of the step (position + 1, 0 for none) and that loss. Every rank then raises
+    the same error. Alone, the rank that saw it would raise and leave the others to die in
+    their next collective with a transport error. (Per micro-batch, the all-reduce cost 2.5%
+    of a step on 2 CPU ranks; once per optimizer step it is one small collective and, on a
+    GPU, the one synchronisation per step the check already made:
+    benchmarks/results/non_finite_check_cpu.json.)
     """
 
-    def __init__(self, policy: HealthPolicy, rank: int):
+    def __init__(self, policy: HealthPolicy, rank: int, world_size: int, device: torch.device):
         super().__init__(policy, rank)
-        self._pending: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
+        self._pending: list[tuple[torch.Tensor, int, int]] = []  # (loss, batch index, epoch)
+        self._rows = torch.zeros(world_size, 2, dtype=torch.float64, device=device)
 
     def should_skip(self, loss: torch.Tensor, step: int, batch_index: int, epoch: int) -> bool:
-        loss = loss.detach()
-        self._pending.append((~torch.isfinite(loss), batch_index, epoch, loss))
+        self._pending.append((loss.detach(), batch_index, epoch))
         return False
 
     def check_step(self, step: int) -> None:
+        """Raises :class:`NumericalHealthError` on every rank when any rank saw a non-finite loss."""
+        import deepspeed.comm as dist
+
         pending, self._pending = self._pending, []
-        if not pending or not torch.stack([bad for bad, *_ in pending]).any().item():
-            return
-        _, batch_index, epoch, loss = next(p for p in pending if p[0].item())
-        raise NumericalHealthError(
-            f"non-finite loss ({loss.item()}) at optimizer step {step}, epoch {epoch}, micro-batch "
-            f"{batch_index} of the epoch, on rank {self.rank}. Try: lower the learning rate, clip gradients, "
-            "check that batch for bad values. HealthPolicy(non_finite='skip') drops such micro-batches "
-            "instead.")
+        self._rows.zero_()
+        if pending:
+            losses = torch.stack([loss.reshape(()).double() for loss, *_ in pending])
+            bad = ~torch.isfinite(losses)
+            first = torch.argmax(bad.to(torch.uint8))  # the first bad one (argmax returns the first maximum)
+            any_bad = bad.any()
+            self._rows[self.rank, 0] = torch.where(any_bad, first + 1.0, 0.0)
+            self._rows[self.rank, 1] = torch.where(any_bad, losses[first], 0.0)
+        dist.all_reduce(self._rows)
+        rows = self._rows.tolist()
+        bad_ranks = [r for r, (position, _) in enumerate(rows) if position > 0]
+        if bad_ranks:
+            position, loss = rows[bad_ranks[0]]
+            # Every rank takes the same number of micro-batches per epoch, so a position within
+            # the step is the same batch index and epoch on every rank.
+            _, batch_index, epoch = pending[int(position) - 1]
+            ranks = f"rank {bad_ranks[0]}" if len(bad_ranks) == 1 else f"ranks {', '.join(map(str, bad_ranks))}"
+            raise NumericalHealthError(
+                f"non-finite loss ({loss}) at optimizer step {step}, epoch {epoch}, micro-batch {batch_index} "
+                f"of the epoch, on {ranks}. Try: lower the learning rate, clip gradients, check that batch for "
+                "bad values. HealthPolicy(non_finite='skip') drops such micro-batches instead.")
 
 
 class SkipNonFinite(NonFiniteGuard):
@@ -263,7 +283,7 @@ class SkipNonFinite(NonFiniteGuard):
 def non_finite_guard(policy: HealthPolicy, rank: int, world_size: int, device: torch.device) -> NonFiniteGuard | None:
     """The guard for ``policy.non_finite``, or None for "off"."""
     if policy.non_finite == "raise":
-        return RaiseOnNonFinite(policy, rank)
+        return RaiseOnNonFinite(policy, rank, world_size, device)
     if policy.non_finite == "skip":
         return SkipNonFinite(policy, rank, world_size, device)
     return None
