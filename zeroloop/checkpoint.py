@@ -50,7 +50,8 @@ from .resume import ResumePlan, plan_resume, reapply, seed_rank
 from .state import TrainState
 from .manifest import (DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, TMP_SUFFIX, CheckpointError,
                        find_checkpoint, list_checkpoints, read_checkpoint, read_manifest)
-from .universal import convert_collectively, load_universal, read_universal_manifest, universal_sibling
+from .universal import convert_collectively, read_universal_manifest, universal_sibling
+from .universal_load import load_universal
 
 log = logging.getLogger("zeroloop")
 

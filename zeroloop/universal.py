@@ -1,5 +1,4 @@
-"""Any DeepSpeed checkpoint as DeepSpeed's universal checkpoint, written streaming; and
-loading a universal checkpoint into an engine of any world size and ZeRO stage.
+"""Any DeepSpeed checkpoint as DeepSpeed's universal checkpoint, written streaming.
 
 DeepSpeed's per-rank ZeRO files load only into the layout that wrote them. Its universal
 checkpoint stores every trained parameter whole, one folder per parameter::
@@ -15,7 +14,7 @@ checkpoint stores every trained parameter whole, one folder per parameter::
         zeroloop_universal.json            written last: the source and every file's size
 
 and DeepSpeed's ZeRO 1-3 optimizers load it into any world size (each rank cuts its own
-partition). :func:`convert_to_universal` writes it from a checkpoint of any stage 0-3,
+partition; :mod:`zeroloop.universal_load`). :func:`convert_to_universal` writes it from a checkpoint of any stage 0-3,
 precision and world size. It reads the source through the consolidation reader
 (:func:`zeroloop.consolidate.read_layout`): every file memory-mapped, one parameter
 assembled at a time, its pages dropped once copied, so the peak memory is the largest
@@ -29,14 +28,10 @@ it exists under both the ZeRO 1-2 and the ZeRO-3 name (so any stage loads it), a
 ``optimizer_state.pt`` holds the keys both loaders read. Frozen parameters are left out:
 DeepSpeed's universal loaders restore only what the optimizer trains.
 
-:func:`load_universal` loads such a folder (or one ``ds_to_universal`` wrote) into a live
-engine: through DeepSpeed's own universal loader at stages 1-3, and at stage 0 (for
-which DeepSpeed has none) by copying the masters and moments into the optimizer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -536,119 +531,5 @@ def model_states_file(folder: str) -> str:
     raise CheckpointError(f"{folder} holds neither {MODEL_STATES_NAMES[0]} nor {MODEL_STATES_NAMES[1]}")
 
 
-# --- loading into an engine ------------------------------------------------------------------
-
-
-def load_universal(engine, folder: str) -> None:
-    """Load a universal checkpoint into ``engine``, whatever its world size and ZeRO stage.
-
-    Restores the fp32 master weights, the optimizer moments, step count and
-    hyperparameters, the loss scaler, the LR scheduler, DeepSpeed's step counters and
-    the module's buffers. Collective: every rank calls it.
-
-    Raises:
-        CheckpointError: DeepSpeed could not load the folder (the message says why).
-    """
-    folder = os.path.abspath(folder)
-    try:
-        if int(engine.zero_optimization_stage()) == 0:
-            _load_stage0(engine, folder)
-        else:
-            parent, tag = os.path.split(folder)
-            with _universal_loading(engine):
-                load_path, _ = engine.load_checkpoint(parent, tag=tag)
-            if load_path is None:
-                raise CheckpointError(f"DeepSpeed found no model states in {folder}")
-        _restore_buffers(engine, folder)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - reported with the folder and the fix
-        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {folder}: "
-                              f"{type(e).__name__}: {e}") from e
-
-
-@contextlib.contextmanager
-def _universal_loading(engine):
-    """DeepSpeed's ``"checkpoint": {"load_universal": true}`` for one ``load_checkpoint`` call
-    (its only reader is the load path), so a later load of a native checkpoint stays native."""
-    config = engine._config
-    saved = config.load_universal_checkpoint
-    config.load_universal_checkpoint = True
-    try:
-        yield
-    finally:
-        config.load_universal_checkpoint = saved
-
-
-def _load_stage0(engine, folder: str) -> None:
-    """Stage 0 (DeepSpeed has no universal loader for it): masters, moments, step and
-    hyperparameters into the optimizer; scheduler and counters as ``load_checkpoint`` does."""
-    states = torch.load(model_states_file(folder), map_location="cpu", weights_only=False)
-    optim = torch.load(os.path.join(folder, OPTIMIZER_STATE_FILE), map_location="cpu", weights_only=False)
-    optimizer = engine.optimizer
-    names = {id(p): name for name, p in engine.module.named_parameters()}
-    step = optim["optimizer_state_dict"]["state"][0]["step"]
-    with torch.no_grad():
-        if hasattr(optimizer, "fp32_groups_flat"):  # bf16/fp16: FP16_Optimizer's flat fp32 masters
-            for params, flat, lp_flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat,
-                                             optimizer.fp16_groups_flat):
-                values = {key: torch.cat([_universal_tensor(folder, names[id(p)], key).reshape(-1) for p in params])
-                          for key in ("fp32",) + MOMENTS}
-                flat.copy_(values["fp32"])
-                lp_flat.copy_(flat)
-                optimizer.optimizer.state[flat] = _adam_state(optimizer.optimizer, step, values)
-            _load_stage0_scaler(optimizer, optim)
-        else:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    values = {key: _universal_tensor(folder, names[id(p)], key).view_as(p)
-                              for key in ("fp32",) + MOMENTS}
-                    p.copy_(values["fp32"])
-                    optimizer.state[p] = _adam_state(optimizer, step, values)
-    for group, saved in zip(optimizer.param_groups, optim["param_groups"]):
-        group.update({key: value for key, value in saved.items() if key != "params"})
-    if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
-        engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
-    engine.global_steps = states["global_steps"]
-    engine.global_samples = states.get("global_samples", engine.global_steps * engine.train_batch_size())
-    engine.skipped_steps = states["skipped_steps"]
-
-
-def _universal_tensor(folder: str, name: str, key: str) -> torch.Tensor:
-    path = os.path.join(folder, "zero", name, f"{key}.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: the universal checkpoint has no {key} for parameter {name}")
-    value = torch.load(path, map_location="cpu", weights_only=False)
-    return (value[PARAM] if isinstance(value, dict) else value).float()
-
-
-def _adam_state(optimizer, step: Any, values: dict[str, torch.Tensor]) -> dict[str, Any]:
-    if isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__module__.startswith("torch.optim"):
-        step = torch.tensor(float(step))  # torch's own optimizers keep the step as a tensor
-    return {"step": step, "exp_avg": values["exp_avg"].clone(), "exp_avg_sq": values["exp_avg_sq"].clone()}
-
-
-def _load_stage0_scaler(optimizer, optim: dict) -> None:
-    """The saved loss scale into FP16_Optimizer (fp16; bf16 has none)."""
-    scaler, config = optim.get("loss_scaler"), getattr(optimizer, "loss_scale_config", None)
-    if scaler is None or config is None or not config.use_grad_scaling:
-        return
-    config.cur_scale = scaler.cur_scale
-    config.cur_iter = getattr(scaler, "cur_iter", config.cur_iter)
-    if config.dynamic_loss_scale:
-        config.last_overflow_iter = getattr(scaler, "last_overflow_iter", config.last_overflow_iter)
-
-
-def _restore_buffers(engine, folder: str) -> None:
-    """The module's buffers (running statistics...): DeepSpeed's universal loaders restore
-    only what the optimizer holds."""
-    states = torch.load(model_states_file(folder), map_location="cpu", weights_only=False)
-    saved = states.get("module") or {}
-    with torch.no_grad():
-        for name, buffer in engine.module.named_buffers():
-            if name in saved and isinstance(saved[name], torch.Tensor) and saved[name].numel() == buffer.numel():
-                buffer.copy_(saved[name].view_as(buffer))
-
-
 __all__ = ["UNIVERSAL_SUFFIX", "convert_collectively", "convert_to_universal", "deepspeed_universal_manifest",
-           "is_deepspeed_universal", "load_universal", "read_universal_manifest", "universal_sibling"]
+           "is_deepspeed_universal", "read_universal_manifest", "universal_sibling"]
