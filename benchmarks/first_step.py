@@ -6,8 +6,9 @@ Each measurement is a fresh process tree, so every import counts:
   (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, OMP_NUM_THREADS=1), spawned together;
   the wall time is until both have finished their first step.
 Cold op cache: ``TORCH_EXTENSIONS_DIR`` is a fresh empty temp dir, so DeepSpeed JIT-builds
-the ops it loads (on CPU: the shm all-reduce op for 2 ranks, the CPU Adam kernels) before
-the first step. Warm: the default cache, already built by an earlier run.
+the ops it loads (on CPU: FusedAdam's CPU kernels, for the config's AdamW; before zeroloop
+skipped it, also the shm all-reduce op for 2 ranks) before the first step. Warm: the default
+cache, already built by an earlier run.
 
 Breakdown reported by rank 0 (seconds, ``time.perf_counter``): ``import deepspeed``,
 ``import zeroloop`` (after deepspeed), ``TrainerLoop.setup()`` (which runs
@@ -15,6 +16,15 @@ Breakdown reported by rank 0 (seconds, ``time.perf_counter``): ``import deepspee
 forward, backward, optimizer step). The model is the bundled ``tiny`` GPT, ZeRO-2, fp32.
 
     PYTHONPATH=. python benchmarks/first_step.py [--repeats 2] [--skip-cold]
+
+``--main-job``: the README's main job instead, the whole command as a user runs it
+(``deepspeed -q --num_gpus 2 --module zeroloop train``, 300 steps), in interleaved rounds of
+a cold op cache (a fresh empty ``TORCH_EXTENSIONS_DIR``) and a warm one (the caller's cache,
+used by an unrecorded run first). Per run: the wall time, the C++ ops built into the cold
+cache, and the output lines that are not zeroloop's (zeroloop's are its ``[zeroloop]`` log
+lines, the progress bar and the JSON report); results in ``results/first_step_main_job.json``.
+
+    PYTHONPATH=. python benchmarks/first_step.py --main-job [--rounds 2]
 """
 
 from __future__ import annotations
@@ -124,6 +134,61 @@ def measure(ranks: int, cold: bool, repeats: int) -> dict:
     return row
 
 
+MAIN_JOB = ["deepspeed", "-q", "--num_gpus", "2", "--module", "zeroloop", "train"]  # the README's command
+
+
+def is_zeroloops(line: str) -> bool:
+    """A line zeroloop printed: its log, the progress bar, the JSON report (or a blank)."""
+    line = line.strip()
+    return not line or line.startswith(("[zeroloop]", "train:", '{"steps"'))
+
+
+def foreign_lines(output: str) -> list[str]:
+    """The output lines that are not zeroloop's (the bar redraws with carriage returns)."""
+    lines = [part for line in output.splitlines() for part in line.split("\r")]
+    return [line for line in lines if not is_zeroloops(line)]
+
+
+def run_main_job(ext_dir: str | None, tmp: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                            "MASTER_ADDR", "OMP_NUM_THREADS")}
+    if ext_dir:
+        env["TORCH_EXTENSIONS_DIR"] = ext_dir
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    command = [deepspeed, *MAIN_JOB[1:], "--output-dir", os.path.join(tmp, "gpt")]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp, timeout=3000)
+    wall = time.perf_counter() - start
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise RuntimeError(f"the main job failed:\n{output[-3000:]}")
+    report = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"steps"')][-1])
+    foreign = foreign_lines(output)
+    return {"wall_s": wall, "train_wall_s": report["wall_time_s"], "final_loss": report["final_loss"],
+            "eval_loss": report["eval_loss"], "ops_built": sorted(os.listdir(ext_dir)) if ext_dir else None,
+            "foreign_lines": len(foreign), "foreign": foreign, "load_avg_1m": os.getloadavg()[0]}
+
+
+def measure_main_job(rounds: int) -> dict:
+    """Interleaved cold/warm rounds of the main job; the ratio of the medians."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_main_job(None, tmp)  # the warm cache has whatever the job builds: not recorded
+    runs = []
+    for i in range(rounds):
+        for cache in ("cold", "warm"):
+            with tempfile.TemporaryDirectory() as tmp:
+                ext_dir = os.path.join(tmp, "torch_extensions") if cache == "cold" else None
+                if ext_dir:
+                    os.makedirs(ext_dir)
+                run = {"round": i, "op_cache": cache, **run_main_job(ext_dir, tmp)}
+            print(json.dumps({k: v for k, v in run.items() if k != "foreign"}), flush=True)
+            runs.append(run)
+    cold = statistics.median(r["wall_s"] for r in runs if r["op_cache"] == "cold")
+    warm = statistics.median(r["wall_s"] for r in runs if r["op_cache"] == "warm")
+    return {"command": " ".join(MAIN_JOB), "rounds": rounds, "median_cold_s": cold, "median_warm_s": warm,
+            "cold_over_warm": cold / warm, "runs": runs}
+
+
 def main(argv=None):
     sys.path.insert(0, HERE)
     from throughput import machine
@@ -131,8 +196,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=2, help="runs per warm configuration (cold runs once)")
     p.add_argument("--skip-cold", action="store_true")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "first_step_cpu.json"))
+    p.add_argument("--main-job", action="store_true", help="time the README's main job, cold vs warm op cache")
+    p.add_argument("--rounds", type=int, default=2, help="--main-job: interleaved cold/warm rounds")
+    p.add_argument("--out", default=None, help="default: results/first_step_cpu.json (--main-job: "
+                                               "results/first_step_main_job.json)")
     args = p.parse_args(argv)
+    if args.main_job:
+        out = args.out or os.path.join(HERE, "results", "first_step_main_job.json")
+        result = {"machine": machine(), **measure_main_job(args.rounds)}
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"cold/warm {result['cold_over_warm']:.3f}; wrote {out}")
+        return
+    args.out = args.out or os.path.join(HERE, "results", "first_step_cpu.json")
 
     results = {"machine": machine(), "model": "GPT tiny, seq 64, micro-batch 4, ZeRO-2 fp32", "rows": []}
     measure(1, cold=False, repeats=1)  # make sure the default cache is built: not recorded

@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-# One JIT build of DeepSpeed's C++ ops for the whole session (and across sessions): every
-# rank process inherits this directory.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/zeroloop/torch_extensions"))
+# DeepSpeed JIT-builds the C++ ops some tests use (CPU FusedAdam) into torch's cache:
+# TORCH_EXTENSIONS_DIR when set, else ~/.cache/torch_extensions, the cache every other run
+# on the machine (the README's main job included) uses too, so nothing is built twice.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 

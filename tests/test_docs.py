@@ -5,7 +5,9 @@ A ```python block preceded by ``<!-- not-run -->`` is an excerpt (it uses names 
 define) and is skipped; every other block must run as a script, alone, in a temp directory.
 """
 
+import ast
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -43,6 +45,61 @@ def resolve(dotted: str):
     raise ImportError(dotted)
 
 
+def resolve_attribute(dotted: str):
+    """Like :func:`resolve`, but attributes first: ``zeroloop.consolidate`` is the function
+    the package exports, not the module of the same name."""
+    parts = dotted.split(".")
+    obj = importlib.import_module(parts[0])
+    for i, attr in enumerate(parts[1:], 1):
+        if not hasattr(obj, attr):
+            importlib.import_module(".".join(parts[:i + 1]))
+        obj = getattr(obj, attr)
+    return obj
+
+
+def documented_signatures():
+    """(dotted name, documented signature) of every API entry whose text opens with a call
+    signature in backticks, such as `plan(model=None, *, params=None, ...) -> Plan`."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    found = []
+    headings = list(API_HEADING.finditer(text))
+    for heading, following in zip(headings, headings[1:] + [None]):
+        name = heading.group(1)
+        section = text[heading.end():following.start() if following else len(text)]
+        short = re.escape(name.rsplit(".", 1)[1])
+        match = re.search(rf"`(?:with )?({short}\((?P<params>[^`]*?)\))(?: -> [^`]+)?:?`", section, re.S)
+        if match:
+            found.append(pytest.param(name, " ".join(match.group("params").split()), id=name))
+    return found
+
+
+def documented_parameters(params: str) -> tuple[list[tuple[str, str, str | None]], bool]:
+    """``([(name, kind, default source)], elided)`` of a documented parameter list; ``...``
+    marks parameters left out (then only the order and the listed ones are checked)."""
+    elided = "..." in params
+    params = ", ".join(p for p in (p.strip() for p in params.split(",")) if p != "...")
+    args = ast.parse(f"def f({params}): pass").body[0].args
+    listed = []
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    for arg, default in zip(positional, defaults):
+        listed.append((arg.arg, "positional", ast.unparse(default) if default else None))
+    if args.vararg:
+        listed.append((args.vararg.arg, "*args", None))
+    for arg, default in zip(args.kwonlyargs, args.kw_defaults):
+        listed.append((arg.arg, "keyword", ast.unparse(default) if default else None))
+    if args.kwarg:
+        listed.append((args.kwarg.arg, "**kwargs", None))
+    return listed, elided
+
+
+def actual_parameters(obj) -> list[tuple[str, str, object]]:
+    kinds = {inspect.Parameter.POSITIONAL_ONLY: "positional", inspect.Parameter.POSITIONAL_OR_KEYWORD: "positional",
+             inspect.Parameter.VAR_POSITIONAL: "*args", inspect.Parameter.KEYWORD_ONLY: "keyword",
+             inspect.Parameter.VAR_KEYWORD: "**kwargs"}
+    return [(p.name, kinds[p.kind], p.default) for p in inspect.signature(obj).parameters.values()]
+
+
 def python_blocks():
     """(doc, index, code) of every ```python block not marked not-run."""
     found = []
@@ -66,6 +123,31 @@ def test_api_reference_covers_the_public_api():
                       "assert_matches_engine_loop", "remove_shm_buffers")
     missing += [f"zeroloop.testing.{n}" for n in public_testing if f"zeroloop.testing.{n}" not in documented]
     assert not missing, f"public names missing from docs/api.md: {missing}"
+
+
+@pytest.mark.parametrize("name, params", documented_signatures())
+def test_documented_signature_matches_the_code(name, params):
+    documented, elided = documented_parameters(params)
+    actual = actual_parameters(resolve_attribute(name))
+    names = [n for n, _, _ in actual]
+    assert [n for n, _, _ in documented] == [n for n in names if n in {d for d, _, _ in documented}], \
+        f"{name}: documented parameters out of order or unknown: {[n for n, _, _ in documented]} vs {names}"
+    if not elided:
+        assert len(documented) == len(actual), f"{name}: documented {[n for n, _, _ in documented]}, code {names}"
+    by_name = {n: (kind, default) for n, kind, default in actual}
+    for param, kind, default_source in documented:
+        actual_kind, actual_default = by_name[param]
+        assert kind == actual_kind, f"{name}: {param} is {actual_kind} in the code, documented {kind}"
+        if actual_default is inspect.Parameter.empty:
+            assert default_source is None, f"{name}: {param} has no default in the code, documented {default_source}"
+        else:
+            assert default_source is not None, f"{name}: {param} defaults to {actual_default!r} in the code"
+            assert ast.literal_eval(default_source) == actual_default, \
+                f"{name}: {param} defaults to {actual_default!r} in the code, documented {default_source}"
+
+
+def test_signatures_are_found():
+    assert len(documented_signatures()) >= 20, "the signature extraction is broken"
 
 
 def test_runnable_blocks_are_found():

@@ -396,3 +396,13 @@ def test_cli_errors_name_the_flags(capsys):
     assert "--params: must be a whole number" in err
     assert "--gpu-memory: cannot read '24 bananas'" in err
     assert "--micro-batch, --seq-len, --hidden:" in err
+
+
+def test_without_device_memory_the_reason_names_the_flag_and_the_common_sizes():
+    result = plan(params=7e9, world_size=8)
+    assert result.recommended is None
+    assert "--gpu-memory" in result.reason
+    # The same choice as with the size given.
+    for size, choice in (("24GB", "zero3"), ("80GB", "zero2")):
+        assert f"{size[:-2]} GB: {choice}" in result.reason
+        assert plan(params=7e9, world_size=8, device_memory=size).recommended == choice

@@ -6,6 +6,10 @@
 
 __version__ = "0.1.0"
 
+from . import quiet  # noqa: E402 - before anything imports deepspeed (its import logs)
+
+quiet.install()
+
 from .activation import ActivationCheckpointing  # noqa: E402
 from .checkpoint import CheckpointError, CheckpointSettings  # noqa: E402
 from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402

@@ -31,11 +31,12 @@ def model_problems(model: Any) -> list[str]:
 
 def output_dir_problems(path: str) -> list[str]:
     """An ``output_dir`` that is a file, lies under a file, or cannot be written."""
+    # A file first, asking isdir last: another rank may create the folder between two checks.
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return [f"output_dir: {path!r} is a file, not a folder; pass a folder (it is created if missing)"]
     if os.path.isdir(path):
         return [] if writable(path) else [f"output_dir: {path!r} is not writable by this process; choose "
                                           "another folder or fix its permissions"]
-    if os.path.lexists(path):
-        return [f"output_dir: {path!r} is a file, not a folder; pass a folder (it is created if missing)"]
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)

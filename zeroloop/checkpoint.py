@@ -11,7 +11,8 @@ work on it::
             zeroloop_manifest.json     written last: the TrainState, config, versions, file sizes
 
 How a save stays atomic: every rank writes under a temporary tag (``global_step8.tmp``),
-all ranks fsync their files and meet at a barrier, then rank 0 writes the manifest,
+all ranks fsync their files and agree that every write worked (a failed write on any rank
+fails the save on all of them, see ``Checkpointer._agree``), then rank 0 writes the manifest,
 renames the folder into place and replaces ``latest`` through a temporary file and
 ``os.replace``, with an fsync of each directory it changed. A crash at any moment leaves
 ``latest`` naming the previous complete checkpoint; a folder without a manifest (or whose
@@ -31,21 +32,25 @@ universal conversion, which reads the same pickles).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
+from . import runtime
 from .adam_replay import replay_cpu_adam_bias_corrections
 from .config import ConfigError, is_int
+from .pretrained import save_pretrained_configs
 from .resume import ResumePlan, plan_resume, reapply, seed_rank
 from .state import TrainState
 from .manifest import (DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, TMP_SUFFIX, CheckpointError,
@@ -70,10 +75,16 @@ class CheckpointSettings:
         final: save a checkpoint when training ends.
         folder: where checkpoints go; relative paths are under the loop's ``output_dir``.
         handle_signals: on SIGTERM/SIGINT, save at the next optimizer step and stop
-            cleanly; a second signal aborts at once.
+            cleanly; a second SIGINT aborts at once, a repeated SIGTERM is ignored
+            (launchers and schedulers send it more than once).
         final_weights: when training ends, also write the model as Hugging Face-layout
-            safetensors to ``output_dir/final/`` (gathered under ZeRO-3), so that most runs
-            never need ``zeroloop consolidate``.
+            safetensors to ``output_dir/final/`` (gathered under ZeRO-3), with
+            ``config.json`` (and ``generation_config.json``) for a Hugging Face model so that
+            ``from_pretrained(output_dir/final)`` loads it, and most runs never need
+            ``zeroloop consolidate``. ``"trainable"``: only the parameters with
+            ``requires_grad`` (a run with frozen parameters, e.g. LoRA adapters), as
+            ``consolidate --exclude-frozen`` writes. False: no final weights. Not when a stop
+            request (a signal, ``request_stop``) ended the run early: the resumed run writes them.
     """
 
     every: int | None = None
@@ -82,10 +93,12 @@ class CheckpointSettings:
     final: bool = True
     folder: str | os.PathLike = "checkpoints"
     handle_signals: bool = True
-    final_weights: bool = True
+    final_weights: bool | str = True
 
     def __post_init__(self):
         problems = []
+        if self.final_weights not in (True, False, "trainable"):
+            problems.append(f"final_weights: must be True, False or \"trainable\", got {self.final_weights!r}")
         if self.every is not None and (not is_int(self.every) or self.every < 1):
             problems.append(f"every: must be a positive number of optimizer steps or None, got {self.every!r}")
         if not is_int(self.keep) or self.keep < 1:
@@ -144,6 +157,128 @@ def folder_files(folder: str) -> dict[str, int]:
             path = os.path.join(root, name)
             found[os.path.relpath(path, folder)] = os.path.getsize(path)
     return dict(sorted(found.items()))
+
+
+def read_latest(folder: str) -> str | None:
+    """The tag ``folder/latest`` names, or None when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(folder, LATEST), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def attempt(write: Callable[..., Any], *args: Any) -> str | None:
+    """Run one stage of a save; None when it worked, else what failed (path and reason), for
+    :meth:`Checkpointer._agree` to share with every rank."""
+    try:
+        write(*args)
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it, whatever it is
+        return describe_write_error(e)
+    return None
+
+
+def describe_write_error(error: BaseException, path: str | None = None) -> str:
+    """``"<path>: <error> (<what the file system says>)"``; OSErrors name their path
+    themselves. torch's zip writer reports a full disk as "unexpected pos 704 vs 598", so
+    the reason is also looked up: free space, a read-only file system, the file-size limit."""
+    text = f"{type(error).__name__}: {error}"
+    filename = getattr(error, "filename", None)
+    if path is not None and (filename is None or os.fspath(filename) != path):
+        text = f"{path}: {text}"
+    target = path or (os.fspath(filename) if filename is not None else None)
+    hints = write_failure_hints(target) if target else []
+    return f"{text} ({'; '.join(hints)})" if hints else text
+
+
+def write_failure_hints(path: str) -> list[str]:
+    """What may stop writes to ``path``: a nearly full or read-only file system, or a
+    file-size limit on this process."""
+    import resource
+
+    hints = []
+    folder = os.path.dirname(os.path.abspath(path))
+    while folder and not os.path.exists(folder):  # the temporary folder may be gone already
+        folder = os.path.dirname(folder)
+    try:
+        fs = os.statvfs(folder)
+        free = fs.f_bavail * fs.f_frsize
+        if fs.f_flag & os.ST_RDONLY:
+            hints.append(f"the file system holding {folder} is read-only")
+        elif free < 64 * 2**20:
+            amount = f"{free / 2**20:.1f} MiB" if free >= 2**20 else f"{free} bytes"
+            hints.append(f"the file system holding {folder} has {amount} free")
+    except OSError:
+        pass
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY:
+        hints.append(f"this process may not write files over {limit} bytes (RLIMIT_FSIZE, `ulimit -f`)")
+    return hints
+
+
+class _RecordingCheckpointEngine:
+    """DeepSpeed's checkpoint engine for the length of one save, recording a failed write
+    instead of raising it.
+
+    A rank that raises inside ``engine.save_checkpoint`` never reaches the barrier at its
+    end: the other ranks wait there as long as it lives, then die of a transport error
+    ("Connection closed by peer") that hides the real one. Recording the first error (and
+    skipping the writes after it) lets every rank finish the call; the save then fails on
+    all of them together, with that error.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.error: str | None = None
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.error is None:
+            try:
+                self.inner.save(state_dict, path)
+            except Exception as e:  # noqa: BLE001 - reported on every rank by the caller
+                self.error = describe_write_error(e, path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        try:
+            self.inner.makedirs(path, exist_ok=exist_ok)
+        except OSError as e:
+            self.error = self.error or describe_write_error(e, path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def write_errors_recorded(engine: Any) -> Iterator[_RecordingCheckpointEngine]:
+    """For one ``engine.save_checkpoint`` call: its file writes record their errors
+    instead of raising them (see :class:`_RecordingCheckpointEngine`). The copy of
+    DeepSpeed's recovery scripts (``zero_to_fp32.py``) is rank 0's only other write there."""
+    recorder = _RecordingCheckpointEngine(engine.checkpoint_engine)
+    copy_scripts = getattr(engine, "_copy_recovery_script", None)
+    patched_before = vars(engine).get("_copy_recovery_script")
+
+    def copy_scripts_recording(save_path: str) -> None:
+        if recorder.error is not None:
+            return  # the save failed already: do not truncate the scripts there on a full disk
+        try:
+            copy_scripts(save_path)
+        except OSError as e:
+            recorder.error = describe_write_error(e)
+
+    engine.checkpoint_engine = recorder
+    if copy_scripts is not None:
+        engine._copy_recovery_script = copy_scripts_recording
+    try:
+        yield recorder
+    finally:
+        engine.checkpoint_engine = recorder.inner
+        if patched_before is not None:
+            engine._copy_recovery_script = patched_before
+        elif copy_scripts is not None:
+            del engine._copy_recovery_script  # the class's method again
+
+
+RANK_FILE = re.compile(r"zeroloop_rank_\d{5}\.json")
 
 
 def rank_file(rank: int) -> str:
@@ -220,12 +355,16 @@ class Checkpointer:
         facts: what else the manifest records (seed, run length, config).
         before_save: called on every rank before each save (collective), to bring ``state``
             up to date (the loop adds the tokens counted since its last all-reduce).
+        node_local: the config asks for node-local storage; read while ``engine`` is None
+            (the loop picks the checkpoint before building the engine), the engine's
+            setting afterwards.
     """
 
     def __init__(self, settings: CheckpointSettings, output_dir: str, *, engine: Any, state: TrainState,
-                 facts: RunFacts, before_save: Callable[[], None] | None = None):
+                 facts: RunFacts, before_save: Callable[[], None] | None = None, node_local: bool = False):
         import deepspeed.comm as dist
 
+        self.node_local_before_engine = node_local
         self.settings = settings
         self.output_dir = output_dir
         self.engine = engine
@@ -237,11 +376,32 @@ class Checkpointer:
         self.resumed_from: str | None = None
         self.last_saved_step: int | None = None
         self._stop_requested = False
+        self.stopped = False  # training was stopped (signal or request_stop) and saved
+        self._interrupted = False  # a SIGINT was received: the next one aborts
         self._previous_handlers: dict[int, Any] = {}
 
     @property
     def folder(self) -> str:
         return os.path.join(self.output_dir, os.fspath(self.settings.folder))
+
+    @property
+    def node_local(self) -> bool:
+        """DeepSpeed's ``"checkpoint": {"use_node_local_storage": true}``: each machine keeps
+        the files of its own ranks in its own ``folder`` (a local disk), not a shared one."""
+        use = getattr(self.engine, "use_node_local_storage", None)
+        return bool(use()) if callable(use) else self.node_local_before_engine
+
+    @property
+    def _keeps_folder(self) -> bool:
+        """This rank prepares, publishes and prunes the folder: rank 0, or with node-local
+        storage the first rank of each machine (as DeepSpeed picks its writers)."""
+        return (runtime.local_rank() if self.node_local else self.rank) == 0
+
+    def _folder_sharers(self) -> tuple[int, int]:
+        """(this rank's index, count) among the ranks that write to this rank's folder."""
+        if self.node_local:
+            return runtime.local_rank(), runtime.local_world_size()
+        return self.rank, self.world_size
 
     # --- what users call ----------------------------------------------------------------------
 
@@ -301,13 +461,20 @@ class Checkpointer:
 
     def plan(self, manifest: dict[str, Any]) -> ResumePlan:
         """How ``manifest``'s checkpoint resumes into this run (:func:`zeroloop.resume.plan_resume`)."""
-        return plan_resume(manifest, self.facts.ds_config, self.world_size, seed=self.facts.seed,
+        plan = plan_resume(manifest, self.facts.ds_config, self.world_size, seed=self.facts.seed,
                            total_steps=self.facts.total_steps, samples_per_epoch=self.facts.samples_per_epoch)
+        if plan.universal and self.node_local:
+            plan.refused.append("another layout with node-local storage: the conversion needs every rank's files, "
+                                "and each machine holds only its own; copy every machine's tag folder into one "
+                                "folder and resume from it (resume=\"path/to/global_stepN\") without "
+                                "use_node_local_storage, or resume on the saved layout")
+        return plan
 
     # --- what the loop calls -----------------------------------------------------------------
 
     def choose(self) -> tuple[str, dict[str, Any]] | None:
-        """Rank 0 picks the checkpoint per ``settings.resume`` and checks it. Collective;
+        """Rank 0 picks the checkpoint per ``settings.resume`` and checks it (with node-local
+        storage, every machine looks in its own folder and they agree on a step). Collective;
         needs no engine (the loop calls it before building one, to keep the saved batch).
 
         Returns:
@@ -318,11 +485,14 @@ class Checkpointer:
         """
         import deepspeed.comm as dist
 
-        choice: list[Any] = [None]
-        if self.rank == 0:
-            choice[0] = self._choose()
-        dist.broadcast_object_list(choice, src=0)
-        status, tag_dir, manifest = choice[0]
+        if self.node_local:
+            status, tag_dir, manifest = self._choose_on_every_machine()
+        else:
+            choice: list[Any] = [None]
+            if self.rank == 0:
+                choice[0] = self._choose()
+            dist.broadcast_object_list(choice, src=0)
+            status, tag_dir, manifest = choice[0]
         if status == "error":
             raise CheckpointError(tag_dir)
         return None if tag_dir is None else (tag_dir, manifest)
@@ -360,6 +530,7 @@ class Checkpointer:
             True when training must stop (a checkpoint has been saved).
         """
         stop = self._agree_on_stop()
+        self.stopped = self.stopped or stop
         every = self.settings.every
         if stop or (every and self.state.step % every == 0):
             path = self.save()
@@ -370,20 +541,34 @@ class Checkpointer:
 
     def finish(self, progress: bool = False) -> None:
         """The final checkpoint (unless turned off or this step is already saved) and the
-        final safetensors weights under ``output_dir/final`` (unless turned off). Collective.
+        final safetensors weights under ``output_dir/final`` (unless turned off, or training
+        was stopped before its end: a stopping job has a grace period to leave in, and
+        gathering a large model takes long; the weights come when the resumed run ends).
+        Collective.
 
         Args:
             progress: show a progress bar while writing the final weights (rank 0).
         """
         if self.settings.final and self.last_saved_step != self.state.step:
             self.save()
-        if self.settings.final_weights:
+        if self.stopped and self.settings.final_weights:
+            log.info("stopped before the end of training: no final weights are written now (the run that "
+                     "resumes and ends writes them)")
+        elif self.settings.final_weights:
             from .consolidate import save_final_weights
 
-            save_final_weights(self.engine, os.path.join(self.output_dir, "final"), progress=progress)
+            save_final_weights(self.engine, os.path.join(self.output_dir, "final"),
+                               exclude_frozen=self.settings.final_weights == "trainable", progress=progress)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT ask for a save and a clean stop; a second one aborts at once."""
+        """SIGTERM/SIGINT ask for a save and a clean stop; a second SIGINT aborts at once.
+
+        A repeated SIGTERM is logged and ignored: a rank often gets several for one stop
+        (SLURM signals every process of the job and the launcher forwards its own copy;
+        a launcher that exits makes the rank send itself one), and the last of them must
+        not kill a rank half-way through its save. The scheduler's SIGKILL at the end of
+        its grace period remains the hard stop; a second Ctrl-C (SIGINT) is the user's.
+        """
         if not self.settings.handle_signals:
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -401,48 +586,122 @@ class Checkpointer:
     # --- saving --------------------------------------------------------------------------------
 
     def _save(self, tag: str) -> str:
-        """Write under ``<tag>.tmp``, fsync, barrier, then rank 0 publishes (manifest, rename,
-        ``latest``) and prunes."""
-        import deepspeed.comm as dist
+        """Write under ``<tag>.tmp``, fsync, then rank 0 publishes (manifest, rename,
+        ``latest``) and prunes; with node-local storage the first rank of every machine does
+        this in its own folder. The ranks agree after each stage, so a write that fails on
+        any rank fails the save on every rank, with the same error and nothing left visible.
 
+        Raises:
+            CheckpointError: a file could not be written (disk full, file-size limit, a
+                read-only or vanished folder, an fsync error), on every rank.
+        """
+        engine = self.engine
         rng = rng_state()  # before anything below could draw from a generator
         manifest = self._manifest(tag)
-        tmp_tag = f"{tag}{TMP_SUFFIX}"
-        tmp_dir = os.path.join(self.folder, tmp_tag)
-        if self.rank == 0:
-            os.makedirs(self.folder, exist_ok=True)
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash inside an earlier save
-        dist.barrier()
-        # The universal-checkpoint marker lets DeepSpeed's ds_to_universal convert it as it is.
-        self.engine.save_checkpoint(self.folder, tag=tmp_tag, client_state=dict(UNIVERSAL_INFO), save_latest=False)
+        tmp_dir = os.path.join(self.folder, f"{tag}{TMP_SUFFIX}")
+        keeps_folder, previous = self._keeps_folder, read_latest(self.folder)
+        self._agree(tag, tmp_dir, attempt(self._prepare, tmp_dir) if keeps_folder else None)
+        with write_errors_recorded(engine) as recorded:
+            # The universal-checkpoint marker lets DeepSpeed's ds_to_universal convert it as it is.
+            engine.save_checkpoint(self.folder, tag=os.path.basename(tmp_dir), client_state=dict(UNIVERSAL_INFO),
+                                   save_latest=False)
+        error = recorded.error or attempt(self._write_rank_file, tmp_dir, rng)
+        if error is None and keeps_folder:  # a Hugging Face model's config.json, for `zeroloop consolidate`
+            error = attempt(save_pretrained_configs, engine.module, tmp_dir)
+        self._agree(tag, tmp_dir, error)  # every rank's files exist
+        self._agree(tag, tmp_dir, attempt(self._fsync_share, tmp_dir))  # every rank's files are on disk
+        error = attempt(self._publish, tmp_dir, tag, manifest) if keeps_folder else None
+        # Visible everywhere before anyone returns; a machine whose publish worked takes it
+        # back when another's failed (node-local storage), so no machine keeps it alone.
+        undo = (lambda: self._unpublish(tmp_dir, tag, previous)) if keeps_folder and error is None else None
+        self._agree(tag, tmp_dir, error, undo=undo)
+        if keeps_folder:
+            self._prune(keep_also=os.path.join(self.folder, tag))
+        return os.path.join(self.folder, tag)
+
+    def _prepare(self, tmp_dir: str) -> None:
+        """An empty temporary tag folder (one left by a crashed save is replaced);
+        a folder that cannot be written fails here, with its own name in the error."""
+        os.makedirs(self.folder, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+
+    def _write_rank_file(self, tmp_dir: str, rng: dict[str, Any]) -> None:
         with open(os.path.join(tmp_dir, rank_file(self.rank)), "w", encoding="utf-8") as f:
             json.dump({"rank": self.rank, "global_step": self.state.step, "rng": rng}, f)
-        dist.barrier()  # every rank's files exist
-        self._fsync_share(tmp_dir)
-        dist.barrier()  # every rank's files are on disk
-        if self.rank == 0:
-            self._publish(tmp_dir, tag, manifest)
-            self._prune(keep_also=os.path.join(self.folder, tag))
-        dist.barrier()  # nobody returns before the checkpoint is visible
-        return os.path.join(self.folder, tag)
+
+    def _agree(self, tag: str, tmp_dir: str, error: str | None, undo: Callable[[], None] | None = None) -> None:
+        """Every rank learns whether any rank failed a stage of the save. Collective.
+
+        Args:
+            undo: called on this rank when another failed (what this rank's stage changed).
+
+        Raises:
+            CheckpointError: some rank failed; raised on every rank, after the temporary
+                folder was removed (a full disk gets its space back; a ``.tmp`` folder that
+                cannot be removed is never loaded and goes at the next resume).
+        """
+        import deepspeed.comm as dist
+
+        errors: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(errors, error)
+        failures = [f"rank {rank}: {problem}" for rank, problem in enumerate(errors) if problem]
+        if not failures:
+            return
+        if undo is not None:
+            with contextlib.suppress(OSError):
+                undo()
+        if self._keeps_folder:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        latest = read_latest(self.folder)
+        kept = (f"`latest` still names {latest}, which is complete" if latest else
+                "no earlier checkpoint exists in this folder")
+        raise CheckpointError(f"checkpoint {tag} could not be written to {self.folder}: {'; '.join(failures)}. "
+                              f"Nothing of it was kept: {kept}. Free space or fix the folder (permissions, "
+                              "quota, file-size limit, a read-only mount), then resume with resume=\"latest\"")
 
     def _fsync_share(self, tmp_dir: str) -> None:
         """This rank's share of fsyncing every file and sub-folder in the folder (fsync works
         on any file; NVMe offload saves its swap files in ``offloaded_tensors/``)."""
+        index, count = self._folder_sharers()
         names = sorted(folder_files(tmp_dir)) + [os.path.relpath(root, tmp_dir) for root, _, _ in os.walk(tmp_dir)]
-        for name in names[self.rank::self.world_size]:
+        for name in names[index::count]:
             fsync_path(os.path.join(tmp_dir, name))
 
     def _publish(self, tmp_dir: str, tag: str, manifest: dict[str, Any]) -> None:
-        """Rank 0: manifest last, rename into place, then ``latest``; each step durable."""
+        """Manifest last, rename into place, then ``latest``; each step durable. If
+        ``latest`` cannot be replaced, the renamed folder goes back to its temporary name,
+        so that a failed save leaves the folder as it was.
+
+        The manifest lists the files of this folder (those in sub-folders by their relative
+        path), so with node-local storage each machine's manifest lists (and resuming
+        checks) the files that machine holds.
+        """
         manifest["files"] = folder_files(tmp_dir)
+        if self.node_local:
+            manifest["node_local"] = True
+            manifest["rank_files"] = [name for name in manifest["files"] if RANK_FILE.fullmatch(name)]
         write_json_durably(os.path.join(tmp_dir, MANIFEST), manifest)
         final_dir = os.path.join(self.folder, tag)
         if os.path.exists(final_dir):  # the same step saved before (e.g. after resuming an older one)
             self._delete(final_dir)
         os.rename(tmp_dir, final_dir)
-        fsync_path(self.folder)
-        replace_latest(self.folder, tag)
+        try:
+            fsync_path(self.folder)
+            replace_latest(self.folder, tag)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rename(final_dir, tmp_dir)
+            raise
+
+    def _unpublish(self, tmp_dir: str, tag: str, previous: str | None) -> None:
+        """Take a published checkpoint back: ``latest`` names ``previous`` again (or goes),
+        and the folder returns to its temporary name (removed by the caller)."""
+        if previous is not None:
+            replace_latest(self.folder, previous)
+        else:
+            os.remove(os.path.join(self.folder, LATEST))
+        os.rename(os.path.join(self.folder, tag), tmp_dir)
 
     def _manifest(self, tag: str) -> dict[str, Any]:
         """zeroloop's JSON state of this checkpoint (``files`` is added when publishing)."""
@@ -474,15 +733,19 @@ class Checkpointer:
         }
 
     def _prune(self, keep_also: str) -> None:
-        """Rank 0: delete complete checkpoints beyond the newest ``keep``; never ``keep_also``
-        (the one just written) nor the one this run resumed from."""
+        """Delete complete checkpoints beyond the newest ``keep``; never ``keep_also``
+        (the one just written) nor the one this run resumed from. One that cannot be deleted
+        is left with a warning: the new checkpoint is saved either way."""
         protected = {os.path.abspath(keep_also), self.resumed_from}
-        complete = [path for _, path in list_checkpoints(self.folder)]
-        for path in complete[:-self.settings.keep]:
-            if os.path.abspath(path) not in protected:
-                self._delete(path)
-                if os.path.isdir(universal_sibling(path)):  # its cached conversion goes with it
-                    self._delete(universal_sibling(path))
+        try:
+            complete = [path for _, path in list_checkpoints(self.folder)]
+            for path in complete[:-self.settings.keep]:
+                if os.path.abspath(path) not in protected:
+                    self._delete(path)
+                    if os.path.isdir(universal_sibling(path)):  # its cached conversion goes with it
+                        self._delete(universal_sibling(path))
+        except OSError as e:
+            log.warning("could not delete old checkpoints in %s (keep=%d): %s", self.folder, self.settings.keep, e)
 
     def _delete(self, tag_dir: str) -> None:
         """Make the folder unloadable first (rename it), so a crash mid-delete leaves no
@@ -498,6 +761,41 @@ class Checkpointer:
     def _choose(self) -> tuple[str, str | None, dict | None]:
         """Rank 0: ``("ok", tag_dir or None, manifest)`` or ``("error", message, None)``."""
         self._remove_leftovers()
+        return self._find_and_check()
+
+    def _choose_on_every_machine(self) -> tuple[str, str | None, dict | None]:
+        """With node-local storage: every rank looks in its own machine's folder, and all
+        take the same step, the newest complete on every machine (a crash can leave one
+        machine a save ahead). As :meth:`_choose`, on every rank. Collective."""
+        import deepspeed.comm as dist
+
+        if self._keeps_folder:
+            self._remove_leftovers()
+        dist.barrier()  # no rank reads a folder while its machine's first rank cleans it
+        status, found, manifest = self._find_and_check()
+        complete = dict(list_checkpoints(self.folder))
+        views: list[Any] = [None] * self.world_size
+        dist.all_gather_object(views, (status, found, manifest and manifest["global_step"], sorted(complete)))
+        errors = [f"rank {rank}: {view[1]}" for rank, view in enumerate(views) if view[0] == "error"]
+        if errors:
+            return "error", "; ".join(errors), None
+        chosen = {view[2] for view in views}
+        if len(chosen) == 1:
+            return status, found, manifest  # the same step on every machine, or a fresh start everywhere
+        common = set.intersection(*(set(view[3]) for view in views))
+        if not common:
+            steps = ", ".join(f"rank {rank}: {view[2]}" for rank, view in enumerate(views))
+            return "error", (f"no checkpoint is complete on every machine ({steps}; node-local storage: each "
+                             "machine must keep its own ranks' files in its own folder). Copy a machine's "
+                             "missing checkpoint back, or pass resume=None to start fresh"), None
+        step = max(common)
+        if self.rank == 0:
+            log.warning("the machines' newest complete checkpoints differ (%s): resuming from step %d, the "
+                        "newest on every machine", sorted(chosen, key=lambda s: (s is None, s)), step)
+        return "ok", complete[step], read_manifest(complete[step])
+
+    def _find_and_check(self) -> tuple[str, str | None, dict | None]:
+        """The checkpoint ``settings.resume`` names in this rank's folder, checked; as :meth:`_choose`."""
         try:
             tag_dir = find_checkpoint(self.settings.resume, self.folder)
             if tag_dir is None:
@@ -508,7 +806,7 @@ class Checkpointer:
             return "error", str(e), None
 
     def _remove_leftovers(self) -> None:
-        """Rank 0: temporary and half-deleted folders of crashed runs (never loadable), and
+        """Temporary and half-deleted folders of crashed runs (never loadable), and
         interrupted universal conversions."""
         if not os.path.isdir(self.folder):
             return
@@ -579,13 +877,18 @@ class Checkpointer:
         return bool(flag.item())
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_requested:  # the second signal: abort at once
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self._interrupted:  # a second Ctrl-C: abort at once
             self.remove_signal_handlers()
             signal.raise_signal(signum)
             return
+        self._interrupted = self._interrupted or signum == signal.SIGINT
+        if self._stop_requested:
+            log.info("%s received again: already saving and stopping (SIGINT twice aborts at once)", name)
+            return
         self._stop_requested = True
         log.warning("%s received: saving a checkpoint at the next optimizer step, then stopping "
-                    "(send it again to abort at once)", signal.Signals(signum).name)
+                    "(a second SIGINT aborts at once)", name)
 
 
 

@@ -3,7 +3,7 @@
 ``zeroloop --version``; ``zeroloop train`` runs the bundled byte-level GPT job;
 ``zeroloop inspect`` describes a checkpoint; ``zeroloop universal`` converts one to
 DeepSpeed's universal checkpoint. Launch it
-on several ranks with ``deepspeed --num_gpus 2 --module zeroloop train`` or
+on several ranks with ``deepspeed -q --num_gpus 2 --module zeroloop train`` or
 ``torchrun --nproc_per_node 2 -m zeroloop train``.
 """
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(commands)
     add_plan_command(commands)
     add_consolidate_command(commands)
+    add_report_command(commands)
     add_inspect_command(commands)
     add_universal_command(commands)
     return parser
@@ -49,7 +50,9 @@ def add_train_command(commands) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps (default %(default)s)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="text files or folders to train on")
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of text")
-    p.add_argument("--config", default=None, help="a DeepSpeed JSON config replacing the built-in one")
+    # --deepspeed / --deepspeed_config: the names launch lines of DeepSpeed and Hugging Face scripts use.
+    p.add_argument("--config", "--deepspeed", "--deepspeed_config", dest="config", default=None, metavar="JSON",
+                   help="a DeepSpeed JSON config replacing the built-in one")
     p.add_argument("--output-dir", default=d.output_dir)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -182,6 +185,33 @@ def run_consolidate(args: argparse.Namespace) -> int:
                       "tensors": result.num_tensors, "ties": result.ties, "stage": result.stage,
                       "world_size": result.world_size, "tag": result.tag}), flush=True)
     return 0
+
+
+def add_report_command(commands) -> None:
+    p = commands.add_parser("report", help="plot runs' metrics to a PNG and print a summary table",
+                            description="Draw the loss and eval loss, learning rate, gradient norm, throughput "
+                                        "and fp16 loss scale of one or more runs (overlaid) over optimizer steps, "
+                                        "from their metrics.jsonl, to a PNG; print a short table. The plot needs "
+                                        "matplotlib (pip install \"zeroloop[report]\").")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's output_dir (holding metrics.jsonl)")
+    p.add_argument("--out", default=None,
+                   help="the PNG to write (default: RUN_DIR/report.png for one run, ./report.png for several)")
+    p.add_argument("--no-plot", action="store_true", help="only the table")
+    p.set_defaults(run=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .report import report
+
+    try:
+        table, png = report(args.run_dirs, out=args.out, plot=not args.no_plot)
+    except ConfigError as e:
+        print(f"zeroloop report: {e}", file=sys.stderr)
+        return 2
+    print(table)
+    if png:
+        print(f"wrote {png}")
 
 
 def add_inspect_command(commands) -> None:

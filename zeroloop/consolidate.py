@@ -44,6 +44,7 @@ import torch
 
 from . import runtime
 from .memory import parse_size as parse_bytes
+from .pretrained import copy_pretrained_configs, save_pretrained_configs
 
 log = logging.getLogger("zeroloop")
 
@@ -120,8 +121,11 @@ def consolidate(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike
         checkpoint_dir: the folder given to ``engine.save_checkpoint`` (holding ``latest``
             and one folder per tag), or a tag folder itself.
         output_dir: where ``model.safetensors`` (or the shards and
-            ``model.safetensors.index.json``) go; created if missing. Earlier weight files
-            there are replaced; other files are left alone.
+            ``model.safetensors.index.json``) go, with the ``config.json`` and
+            ``generation_config.json`` the checkpoint holds (zeroloop saves them with the
+            checkpoints of Hugging Face models, so ``from_pretrained(output_dir)`` works);
+            created if missing. Earlier weight files there are replaced; other files are
+            left alone.
         tag: the tag folder to read (e.g. ``"global_step100"``); default: the one named in
             ``latest``.
         dtype: "fp32", "bf16" or "fp16" for the floating-point tensors (integer and bool
@@ -147,6 +151,7 @@ def consolidate(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike
     with _staging_dir(output_dir) as staging:
         _copy_weights(layout, shards, staging, progress=progress)
         _write_index(shards, layout.ties, staging)
+        copy_pretrained_configs(tag_dir, staging, dtype=out_dtype)
         files = _publish(staging, output_dir)
     return ConsolidateResult(output_dir=os.fspath(output_dir), files=files,
                              total_size=sum(s.nbytes for s in shards),
@@ -184,8 +189,11 @@ def load_state_dict(output_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def save_final_weights(engine, path: str | os.PathLike, *, dtype: str | torch.dtype = "fp32",
-                       max_shard_size: int | str = "5GB", progress: bool = False) -> ConsolidateResult | None:
-    """Write a live engine's weights to ``path`` as safetensors (the layout of :func:`consolidate`).
+                       max_shard_size: int | str = "5GB", exclude_frozen: bool = False,
+                       progress: bool = False) -> ConsolidateResult | None:
+    """Write a live engine's weights to ``path`` as safetensors (the layout of :func:`consolidate`),
+    with ``config.json`` and ``generation_config.json`` for a Hugging Face model, so that
+    ``from_pretrained(path)`` loads it.
 
     Collective: every rank must call it, after the last ``engine.step()``. Parameters are
     taken from the fp32 master weights where the optimizer keeps them (ZeRO 1-3, and
@@ -196,7 +204,8 @@ def save_final_weights(engine, path: str | os.PathLike, *, dtype: str | torch.dt
     Args:
         engine: a ``DeepSpeedEngine`` (or a plain ``nn.Module`` in a single process).
         path: the output folder, e.g. ``os.path.join(output_dir, "final")``.
-        dtype, max_shard_size, progress: as for :func:`consolidate`.
+        dtype, max_shard_size, exclude_frozen, progress: as for :func:`consolidate`
+            (``exclude_frozen``: only the trainable tensors, e.g. a LoRA run's adapters).
 
     Returns:
         The :class:`ConsolidateResult` on rank 0, None on the other ranks.
@@ -204,7 +213,7 @@ def save_final_weights(engine, path: str | os.PathLike, *, dtype: str | torch.dt
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     module = getattr(engine, "module", engine)
-    entries, ties, fetchers = _live_entries(engine, module)
+    entries, ties, fetchers = _live_entries(engine, module, exclude_frozen=exclude_frozen)
     shards = plan_shards(entries, out_dtype, shard_bytes)
     if getattr(engine, "global_rank", runtime.rank()) != 0:
         for entry in entries:
@@ -221,6 +230,7 @@ def save_final_weights(engine, path: str | os.PathLike, *, dtype: str | torch.dt
             for writer in set(writers.values()):
                 writer.close()
         _write_index(shards, ties, staging)
+        save_pretrained_configs(module, staging, dtype=out_dtype)
         files = _publish(staging, path)
     return ConsolidateResult(output_dir=os.fspath(path), files=files,
                              total_size=sum(s.nbytes for s in shards),
@@ -798,18 +808,33 @@ def _staging_dir(output_dir: str | os.PathLike) -> Iterator[str]:
 def _publish(staging: str, output_dir: str | os.PathLike) -> list[str]:
     """Move the finished files into ``output_dir``, replacing earlier weight files there.
 
+    A reader, or a crash at any moment, finds the earlier complete set or the new one, never
+    a mix: every file is flushed to disk first; a single file replaces the earlier one
+    atomically (the earlier index, which readers prefer, goes only after); new shards go in
+    only once the earlier index is gone (they may reuse its shards' names), their index last.
+    Replacing one sharded set by another leaves a moment with no index: nothing loads, and
+    the next run writes it again.
+
     Returns:
         The safetensors file names, in order.
     """
+    from .checkpoint import fsync_path
+
     output_dir = os.path.abspath(os.fspath(output_dir))
     names = sorted(os.listdir(staging))
+    sharded = INDEX_NAME in names
     try:
         os.makedirs(output_dir, exist_ok=True)
-        for old in _weight_file_names(output_dir):
-            os.remove(os.path.join(output_dir, old))
-        # The index last: a reader never sees an index whose shards are not there yet.
-        for name in sorted(names, key=lambda n: n == INDEX_NAME):
+        earlier = set(_weight_file_names(output_dir))
+        for name in names:
+            fsync_path(os.path.join(staging, name))
+        if sharded and INDEX_NAME in earlier:
+            os.remove(os.path.join(output_dir, INDEX_NAME))
+        for name in sorted(names, key=lambda n: n == INDEX_NAME):  # the index last
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        for stale in sorted(earlier - set(names), key=lambda n: n != INDEX_NAME):  # an earlier index first
+            os.remove(os.path.join(output_dir, stale))
+        fsync_path(output_dir)
     except OSError as e:
         raise CheckpointError(f"cannot write the output folder {output_dir!r}: {e}; choose a folder you can "
                               "write to, or fix its permissions") from None
@@ -842,11 +867,12 @@ def _ties_from_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
 # --- a live engine (save_final_weights) -------------------------------------------------------
 
 
-def _live_entries(engine, module: torch.nn.Module):
+def _live_entries(engine, module: torch.nn.Module, exclude_frozen: bool = False):
     """Entries for the module's state dict, ties, and a fetcher per stored name.
 
     Fetchers return the full fp32 value on every rank (collective where DeepSpeed's
-    helpers are), the ZeRO-3 gathering included.
+    helpers are), the ZeRO-3 gathering included. ``exclude_frozen`` leaves out parameters
+    without ``requires_grad`` (buffers stay, as in :func:`consolidate`).
     """
     params = dict(module.named_parameters(remove_duplicate=False))
     buffers = dict(module.named_buffers(remove_duplicate=False))
@@ -856,12 +882,14 @@ def _live_entries(engine, module: torch.nn.Module):
         tensor = params.get(name, buffers.get(name))
         if tensor is None:  # an extra state entry: not a tensor of the module
             continue
+        is_param = name in params
+        if exclude_frozen and is_param and not tensor.requires_grad:
+            continue  # its tied aliases too: they are the same frozen tensor
         if id(tensor) in first_name:
             ties[name] = first_name[id(tensor)]
             continue
         first_name[id(tensor)] = name
         shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
-        is_param = name in params
         dtype = torch.float32 if is_param and tensor.is_floating_point() else tensor.dtype
         entries.append(Entry(name=name, shape=shape, dtype=dtype))
         fetchers[name] = _fetcher(tensor, is_param, masters)

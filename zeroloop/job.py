@@ -23,8 +23,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "gradient_accumulation_steps": "auto",
     "train_batch_size": "auto",
     "gradient_clipping": 1.0,
+    # torch_adam: torch's AdamW, which needs no C++ build (DeepSpeed's FusedAdam compiles one
+    # on first use: a minute or more on a CPU before the first step).
     "optimizer": {"type": "AdamW",
-                  "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
+                  "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                             "torch_adam": True}},
     "scheduler": {"type": "WarmupDecayLR",
                   "params": {"warmup_min_lr": 0.0, "warmup_max_lr": "auto", "warmup_num_steps": "auto",
                              "total_num_steps": "auto"}},
@@ -58,6 +61,7 @@ class GPTJob:
     progress_bar: bool = True
     save_every: int | None = None  # optimizer steps between checkpoints; None: no checkpoints
     resume: str | None = None  # "latest" or a checkpoint path (turns checkpointing on)
+    weight_decay_groups: bool = True  # no weight decay on biases and LayerNorm weights
     gpt_overrides: dict = field(default_factory=dict)
 
     def ds_config(self) -> Any:
@@ -94,6 +98,7 @@ def build_gpt_loop(job: GPTJob) -> TrainerLoop:
     return TrainerLoop(model, job.ds_config(), train_data=train_set, eval_data=eval_set,
                        output_dir=job.output_dir, max_steps=job.steps, seed=job.seed,
                        hparams=job.hparams(), eval_every=job.eval_every, checkpoint=job.checkpoint(),
+                       weight_decay_groups=job.weight_decay_groups,
                        log=LogSettings(every=job.log_every, progress_bar=job.progress_bar))
 
 

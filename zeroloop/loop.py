@@ -27,7 +27,11 @@ from .activation import apply as apply_activation_checkpointing
 from .checkpoint import CheckpointError, Checkpointer, CheckpointSettings, RunFacts
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import RankBatches, count_rows, count_tokens, loader_batch_size, move_to_device, rank_batches
-from .metrics import MetricsLog, ProgressBar
+from .launcher import shield_loader_workers
+from .metrics import CustomMetrics, MetricsLog, ProgressBar
+from .monitors import MonitorFeed, missing_package_problems, with_output_paths
+from .ops import announce_builds
+from .param_groups import trainable_parameters, weight_decay_groups
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
 from .resume import ResumePlan, keep_global_batch
 from .state import TrainState
@@ -150,6 +154,9 @@ class TrainerLoop:
         activation_checkpointing: an :class:`~zeroloop.activation.ActivationCheckpointing`
             choosing the modules to checkpoint and the backend; applied in :meth:`setup`,
             before ``deepspeed.initialize`` (None: no checkpointing).
+        weight_decay_groups: give biases and normalization weights no weight decay (two
+            optimizer groups, see :meth:`parameter_groups`); False: one group, as a
+            hand-written ``deepspeed.initialize(model_parameters=model.parameters())``.
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -177,6 +184,7 @@ class TrainerLoop:
         preflight: bool = True,
         checkpoint: CheckpointSettings | None = None,
         activation_checkpointing: ActivationCheckpointing | None = None,
+        weight_decay_groups: bool = False,
     ):
         self.model = model
         self.config = config
@@ -198,6 +206,7 @@ class TrainerLoop:
         self.checkpointer: Checkpointer | None = None  # built by setup() when checkpoint is given
         self.activation_checkpointing = activation_checkpointing
         self.activation_handle = None  # removes the activation checkpointing setup() applied
+        self.weight_decay_groups = weight_decay_groups
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
         self.ds_config: dict | None = None  # the resolved config handed to DeepSpeed
@@ -211,6 +220,8 @@ class TrainerLoop:
         self._metrics_log: MetricsLog | None = None
         self._scale_monitor: LossScaleMonitor | None = None
         self._nonfinite: NonFiniteGuard | None = None
+        self._custom_metrics = CustomMetrics()
+        self._monitor: MonitorFeed | None = None
         self._unsynced_tokens = 0  # this rank's tokens not yet added to state.tokens
         self._warnings: list[str] = []  # for the summary: what ended the run unexpectedly
 
@@ -258,6 +269,44 @@ class TrainerLoop:
             raise
         return loss_from_output(output)
 
+    def parameter_groups(self) -> list:
+        """What the optimizer is built on (``deepspeed.initialize(model_parameters=...)``).
+
+        Override to group parameters your way: return parameters, or ``{"params": [...],
+        ...}`` dicts whose other keys (``lr``, ``weight_decay``...) override the optimizer's
+        (the config's ``optimizer.params``, ``"auto"`` resolved) for that group.
+
+        Returns:
+            By default the trainable parameters as one group; with
+            ``weight_decay_groups=True``, :func:`zeroloop.param_groups.weight_decay_groups`:
+            the decayed parameters, then biases and normalization weights with
+            ``weight_decay=0.0``.
+        """
+        if self.weight_decay_groups:
+            return weight_decay_groups(self.model)
+        return trainable_parameters(self.model)
+
+    def log_metrics(self, metrics: Mapping[str, Any], *, mean_over_ranks: bool = False) -> None:
+        """Add your own metrics to the next logged record: ``metrics.jsonl``, the monitors
+        and ``summary.history``.
+
+        Call it from :meth:`compute_loss` or any hook, as often as you like: each name is
+        reported as its mean over the calls since the last logging step (every
+        ``log.every`` optimizer steps; ``on_step_end`` of a logging step still counts).
+        Called during :meth:`evaluate` (from ``compute_loss``), the means go into the
+        evaluation's record as ``eval_<name>`` instead.
+
+        Args:
+            metrics: ``{name: number}``; 0-d tensors are read with ``.item()`` (a device sync).
+            mean_over_ranks: also average over ranks (one all-reduce per logging step for all
+                such names); every rank must then log the same names. Otherwise rank 0's
+                values are reported.
+
+        Raises:
+            TypeError: a value is not a number.
+        """
+        self._custom_metrics.add(dict(metrics), mean_over_ranks)
+
     def on_train_start(self) -> None:
         """Called once, after set-up and before the first batch."""
 
@@ -269,7 +318,8 @@ class TrainerLoop:
             metrics: always ``step``, ``epoch`` and ``lr`` (and under fp16 ``loss_scale``,
                 ``overflow``, ``skipped_steps``); on logging steps (every ``log.every``) also
                 ``loss`` (mean over ranks and micro-steps), ``grad_norm``,
-                ``samples_per_sec`` and ``tokens_per_sec``.
+                ``samples_per_sec`` and ``tokens_per_sec``. On a logging step the record is
+                written after this hook, with what :meth:`log_metrics` added.
         """
 
     def on_evaluate(self, metrics: dict[str, Any]) -> None:
@@ -285,6 +335,9 @@ class TrainerLoop:
         engine = self.setup()
         if self.checkpointer is not None:
             self.checkpointer.install_signal_handlers()
+            # The rank decides when to stop; its DataLoader workers must survive the signal.
+            for batches in (self.train_batches, self.eval_batches):
+                shield_loader_workers(getattr(batches, "loader", getattr(batches, "batches", None)))
         self.on_train_start()
         bar = ProgressBar(self.total_steps, initial=self.state.step,
                           enabled=self.rank == 0 and self.log.progress_bar)
@@ -311,20 +364,18 @@ class TrainerLoop:
                     break
             if window.micro_steps:  # a tail since the last logged step
                 summary.final_loss = self._reduce_window(window)["loss"]
+            bar.close()
+
+            self._complete_summary(summary, time.perf_counter() - started, samples_before, tokens_before)
+            if self.eval_batches is not None and not self._evaluation_due():
+                summary.eval_loss = self.evaluate()["eval_loss"]
+            if self.checkpointer is not None:
+                self.checkpointer.finish(progress=self.rank == 0 and self.log.progress_bar)
+            self.on_train_end(summary)
         except BaseException:
+            bar.close()
             self._finish(clean=False)
             raise
-        finally:
-            bar.close()
-            if self.checkpointer is not None:
-                self.checkpointer.remove_signal_handlers()
-
-        self._complete_summary(summary, time.perf_counter() - started, samples_before, tokens_before)
-        if self.eval_batches is not None and not self._evaluation_due():
-            summary.eval_loss = self.evaluate()["eval_loss"]
-        if self.checkpointer is not None:
-            self.checkpointer.finish(progress=self.rank == 0 and self.log.progress_bar)
-        self.on_train_end(summary)
         self._finish()
         return summary
 
@@ -341,6 +392,8 @@ class TrainerLoop:
         metrics = self._step_metrics(summary, window, logging_step, norm)
         bar.update(1, metrics if logging_step else None)
         self.on_step_end(self.state.step, metrics)
+        if logging_step:
+            self._write_record(metrics, summary)
         if self._evaluation_due():
             summary.eval_loss = self.evaluate()["eval_loss"]
         if self.checkpointer is not None and self.checkpointer.step_end():
@@ -349,18 +402,24 @@ class TrainerLoop:
 
     def _step_metrics(self, summary: TrainSummary, window: _Window, logging_step: bool,
                       norm: float | None) -> dict[str, Any]:
-        """This step's metrics; on logging steps, also averaged over ranks and written out."""
+        """This step's metrics; on logging steps, also the window's, averaged over ranks."""
         metrics = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.current_lr()}
         if self._scale_monitor:
             metrics.update(self._scale_monitor.after_step(self.state.step))
         if logging_step:
             metrics.update(self._reduce_window(window))
             metrics["grad_norm"] = grad_norm_of(self.engine, fallback=norm)
-            self._metrics_log.write(metrics)
-            summary.history.append(metrics)
             summary.final_loss = metrics["loss"]
             window.reset()
         return metrics
+
+    def _write_record(self, metrics: dict[str, Any], summary: TrainSummary) -> None:
+        """A logging step's record, with the custom metrics, to metrics.jsonl, the monitors
+        and the history."""
+        metrics.update(self._custom_metrics.reduce(self.engine.device))
+        self._metrics_log.write(metrics)
+        self._monitor.write(metrics)
+        summary.history.append(metrics)
 
     def _evaluation_due(self) -> bool:
         return bool(self.eval_every) and self.state.step % self.eval_every == 0
@@ -397,6 +456,8 @@ class TrainerLoop:
         engine = self.setup()
         if self.eval_batches is None:
             raise RuntimeError("evaluate() needs eval_data; pass it to TrainerLoop")
+        # What log_metrics receives while evaluating goes into this record, not the training one.
+        training_metrics, self._custom_metrics = self._custom_metrics, CustomMetrics()
         engine.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss*samples, samples
         with torch.no_grad():
@@ -407,7 +468,10 @@ class TrainerLoop:
         engine.train()
         dist.all_reduce(totals)
         metrics = {"step": self.state.step, "eval_loss": (totals[0] / totals[1].clamp(min=1)).item()}
+        logged, self._custom_metrics = self._custom_metrics, training_metrics
+        metrics.update({f"eval_{name}": value for name, value in logged.reduce(engine.device).items()})
         self._metrics_log.write(metrics)
+        self._monitor.write(metrics)
         self.on_evaluate(metrics)
         return metrics
 
@@ -445,10 +509,10 @@ class TrainerLoop:
         self._check_memory()
         self._apply_activation_checkpointing()
         self.engine = self._build_engine()
-        self._after_engine_init()
         self._build_health_checks()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
                                        enabled=self.rank == 0)
+        self._monitor = MonitorFeed(self.engine, self.rank)
         if self.checkpoint is not None:
             self._resume(choice, plan)
         return self.engine
@@ -487,8 +551,10 @@ class TrainerLoop:
         batch decides an ``"auto"`` micro-batch and accumulation."""
         if self.checkpoint is None:
             return None
+        raw = load_config(self.config)
+        node_local = isinstance(raw.get("checkpoint"), Mapping) and raw["checkpoint"].get("use_node_local_storage")
         self.checkpointer = Checkpointer(self.checkpoint, self.output_dir, engine=None, state=self.state, facts=None,
-                                         before_save=self._sync_tokens)
+                                         before_save=self._sync_tokens, node_local=node_local is True)
         return self.checkpointer.choose()
 
     def _resolve_config(self, resume_from: tuple[str, dict] | None = None) -> dict:
@@ -523,10 +589,10 @@ class TrainerLoop:
                                       hidden_size=hidden_size_of(self.model))
         except ConfigError as e:
             raise ConfigError(e.problems + problems, source=e.source) from None
-        problems += fp16_support_problems(resolved)
+        problems += fp16_support_problems(resolved) + missing_package_problems(resolved)
         if problems:
             raise ConfigError(problems)
-        return resolved
+        return with_output_paths(resolved, self.output_dir)
 
     def _build_batches(self, micro_batch_size: int) -> list[str]:
         """This rank's training and evaluation batches; the problems found, for ConfigError."""
@@ -579,22 +645,15 @@ class TrainerLoop:
     def _build_engine(self):
         import deepspeed
 
+        announce_builds(self.ds_config, self.rank)  # DeepSpeed compiles its C++ ops silently
         engine, _, _, _ = deepspeed.initialize(
             model=self.model,
-            model_parameters=[p for p in self.model.parameters() if p.requires_grad],
+            model_parameters=self.parameter_groups(),
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             config=self.ds_config,
         )
         return engine
-
-    def _after_engine_init(self) -> None:
-        import deepspeed.comm as dist
-
-        # Every peer has mapped this rank's /dev/shm buffer once all ranks pass the
-        # barrier after init; its name can go now (the mappings stay valid).
-        dist.barrier()
-        runtime.unlink_own_shm_buffer()
 
     def _build_health_checks(self) -> None:
         if self.engine.fp16_enabled():
@@ -780,6 +839,10 @@ class TrainerLoop:
         if self._metrics_log is not None:
             self._metrics_log.close()
         runtime.teardown(self.engine, destroy_process_group=self._owns_process_group, barrier=clean)
+        # Only now: a launcher forwards SIGTERM again while the ranks save and export, and
+        # that must not kill them half-way (the handler ignores a repeated SIGTERM).
+        if self.checkpointer is not None:
+            self.checkpointer.remove_signal_handlers()
 
 
 def fp16_support_problems(config: Mapping[str, Any]) -> list[str]:

@@ -224,6 +224,9 @@ OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 # ZeRO-3 costs 1.5x the communication; offload costs PCIe traffic, NVMe the most.
 PREFERENCE = ("zero2", "ddp", "zero3", "zero2-offload", "zero3-offload", "zero3-offload-params", "zero3-nvme")
 # On one device there is nothing to shard: DDP, then ZeRO-Offload.
+# Device memory of common accelerators (16 GB V100/T4, 24 GB A10/L4/RTX 4090, 40 and 80 GB
+# A100/H100), for a recommendation per size when none is given.
+COMMON_DEVICE_SIZES = (16 * 10**9, 24 * 10**9, 40 * 10**9, 80 * 10**9)
 PREFERENCE_ONE_DEVICE = ("ddp", "zero2-offload", "zero3-offload", "zero3-offload-params", "zero3-nvme")
 
 
@@ -811,13 +814,27 @@ def fits(priced: OptionPlan, inputs: PlanInputs) -> bool | None:
 def recommend(options: tuple[OptionPlan, ...], inputs: PlanInputs) -> tuple[str | None, str]:
     """The first option in the guidance order that fits, and one line saying why."""
     by_name = {option.name: option for option in options}
-    if inputs.device_memory is None:
-        return None, "no device memory given: pass device_memory (e.g. \"80GB\") for a recommendation"
     order = PREFERENCE_ONE_DEVICE if inputs.world_size == 1 else PREFERENCE
+    if inputs.device_memory is None:
+        at_sizes = ", ".join(f"{human(size)}: {first_fitting(order, by_name, size, inputs) or 'nothing fits'}"
+                             for size in COMMON_DEVICE_SIZES)
+        return None, (f"no device memory given (device_memory=, or --gpu-memory in `zeroloop plan`, e.g. 80GB); "
+                      f"at common device sizes: {at_sizes}")
     for name in order:
         if by_name[name].fits:
             return name, reason_for(by_name[name], by_name, inputs)
     return None, nothing_fits_reason(by_name, inputs)
+
+
+def first_fitting(order: tuple[str, ...], by_name: Mapping[str, OptionPlan], device_memory: int,
+                  inputs: PlanInputs) -> str | None:
+    """The option :func:`recommend` would choose with ``device_memory`` bytes per device."""
+    for name in order:
+        option = by_name[name]
+        host_ok = inputs.host_memory is None or option.host_per_node <= inputs.host_memory
+        if option.device_total <= device_memory and host_ok:
+            return name
+    return None
 
 
 def reason_for(chosen: OptionPlan, by_name: Mapping[str, OptionPlan], inputs: PlanInputs) -> str:

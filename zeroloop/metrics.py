@@ -89,3 +89,60 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+class CustomMetrics:
+    """Values given to :meth:`~zeroloop.TrainerLoop.log_metrics` since the last logging step.
+
+    Each name keeps a sum and a count, so a value logged on every micro-step is reported as
+    its mean over the window. Names logged with ``mean_over_ranks`` are averaged over ranks
+    when the window is reduced (one all-reduce for all of them); the others are rank 0's.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.over_ranks: set[str] = set()
+
+    def add(self, metrics: dict[str, Any], mean_over_ranks: bool) -> None:
+        """Add one value per name (numbers, or 0-d tensors, read with ``.item()``).
+
+        Raises:
+            TypeError: a value that is not a number.
+            ValueError: a name used before with the other ``mean_over_ranks``.
+        """
+        for name, value in metrics.items():
+            value = value.item() if hasattr(value, "item") else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"log_metrics: {name!r} must be a number or a one-element tensor, got "
+                                f"{type(value).__name__}")
+            if name in self.counts and (name in self.over_ranks) != mean_over_ranks:
+                raise ValueError(f"log_metrics: {name!r} was logged with mean_over_ranks="
+                                 f"{not mean_over_ranks} earlier in this window; use one setting per name")
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if mean_over_ranks:
+                self.over_ranks.add(name)
+
+    def reduce(self, device: Any) -> dict[str, float]:
+        """The window's mean per name (over ranks too where asked), then an empty window.
+
+        Collective when any name was logged with ``mean_over_ranks``: every rank must have
+        logged the same such names in this window.
+        """
+        means = {name: self.sums[name] / self.counts[name] for name in self.sums}
+        shared = sorted(self.over_ranks)
+        if shared:
+            import deepspeed.comm as dist
+            import torch
+
+            stats = torch.tensor([self.sums[n] for n in shared] + [self.counts[n] for n in shared],
+                                 dtype=torch.float64, device=device)
+            dist.all_reduce(stats)
+            sums, counts = stats[:len(shared)].tolist(), stats[len(shared):].tolist()
+            means.update({name: s / c for name, s, c in zip(shared, sums, counts)})
+        self.reset()
+        return means
