@@ -7,9 +7,10 @@ import pytest
 from helpers import RegressionData, make_model
 
 from zeroloop import Hyperparameters, LogSettings, TrainerLoop
-from zeroloop.checkpoint import CheckpointError, CheckpointSettings
+from zeroloop.checkpoint import CheckpointError, Checkpointer, CheckpointSettings, RunFacts
 from zeroloop.config import ConfigError
 from zeroloop.resume import batch_choices, keep_global_batch, layout_of, plan_resume
+from zeroloop.state import TrainState
 from zeroloop.testing import single_process, tiny_config
 
 AUTO_BATCH = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
@@ -119,6 +120,16 @@ def test_nvme_optimizer_offload_is_refused_with_the_reason():
     assert "restores only the optimizer sub-groups it swapped to NVMe" in refused
     params_on_nvme = resolved(zero_optimization={"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/x"}})
     assert not plan_resume(manifest(stage=3), params_on_nvme, 2).refused
+
+
+def test_another_layout_with_node_local_storage_is_refused(tmp_path):
+    # Each machine holds only its own ranks' files: nothing can convert them to another layout.
+    facts = RunFacts(seed=3, total_steps=10, ds_config=resolved(world_size=1, micro=4))
+    checkpointer = Checkpointer(CheckpointSettings(), str(tmp_path), engine=None, state=TrainState(), facts=facts,
+                                node_local=True)
+    [refused] = checkpointer.plan(manifest()).refused
+    assert "node-local storage" in refused and "copy every machine's tag folder into one folder" in refused
+    assert not checkpointer.plan(manifest(world_size=1, micro=4)).refused  # this process is 1 rank
 
 
 def test_layout_of_a_config():
