@@ -18,9 +18,15 @@ renames the folder into place and replaces ``latest`` through a temporary file a
 ``latest`` naming the previous complete checkpoint; a folder without a manifest (or whose
 files do not match the sizes the manifest lists) is never loaded.
 
+A checkpoint resumes on any world size and ZeRO stage: the same layout loads DeepSpeed's
+files as they are; another one loads through DeepSpeed's universal checkpoint, converted
+once into the sibling folder ``global_step8.universal`` (:mod:`zeroloop.universal`), and
+what changed is reported (:mod:`zeroloop.resume`).
+
 zeroloop's own state is JSON, readable without unpickling. DeepSpeed's ``*.pt`` files are
 pickles: load checkpoints only from sources you trust. zeroloop itself unpickles nothing;
-only DeepSpeed's ``load_checkpoint`` does, after the manifest has been checked.
+only DeepSpeed's ``load_checkpoint`` does, after the manifest has been checked (and the
+universal conversion, which reads the same pickles).
 """
 
 from __future__ import annotations
@@ -42,25 +48,17 @@ import numpy as np
 import torch
 
 from . import runtime
+from .adam_replay import replay_cpu_adam_bias_corrections
 from .config import ConfigError, is_int
 from .pretrained import save_pretrained_configs
+from .resume import ResumePlan, plan_resume, reapply, seed_rank
 from .state import TrainState
+from .manifest import (DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, TMP_SUFFIX, CheckpointError,
+                       find_checkpoint, list_checkpoints, read_checkpoint, read_manifest)
+from .universal import convert_collectively, read_universal_manifest, universal_sibling
+from .universal_load import load_universal
 
 log = logging.getLogger("zeroloop")
-
-FORMAT = "zeroloop-checkpoint/2"
-FORMAT_1 = "zeroloop-checkpoint/1"  # before TrainState: a per-rank count of micro-batches
-MANIFEST = "zeroloop_manifest.json"
-LATEST = "latest"  # DeepSpeed's name: load_checkpoint(tag=None) reads it too
-TMP_SUFFIX = ".tmp"  # a tag folder still being written; never loaded
-DELETING_SUFFIX = ".deleting"  # an old checkpoint on its way out; never loaded
-REQUIRED_KEYS = ("files", "global_step", "train_state", "world_size", "zero_stage", "micro_batch_size",
-                 "gradient_accumulation_steps", "total_steps", "sampler_seed")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or resumed from; the message names the file and the fix."""
-
 
 @dataclass(frozen=True)
 class CheckpointSettings:
@@ -144,6 +142,21 @@ def replace_latest(folder: str, tag: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(folder)
+
+
+# What DeepSpeed's ds_to_universal requires in the model states ("universal_checkpoint_info"),
+# and which only Megatron-DeepSpeed writes: without it the tool asks for --inject_missing_state.
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+
+
+def folder_files(folder: str) -> dict[str, int]:
+    """``{path relative to folder: bytes}`` of every file under ``folder``, sorted."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return dict(sorted(found.items()))
 
 
 def read_latest(folder: str) -> str | None:
@@ -304,177 +317,6 @@ def _bytes_tensor(encoded: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8).clone()
 
 
-# --- finding and checking checkpoints (pure file-system functions, no DeepSpeed) ------------------
-
-
-def read_manifest(tag_dir: str) -> dict[str, Any]:
-    """The manifest of a complete checkpoint, after checking every file it lists.
-
-    Args:
-        tag_dir: a checkpoint's tag folder.
-
-    Returns:
-        The manifest (see :meth:`Checkpointer._manifest` for its keys).
-
-    Raises:
-        CheckpointError: the folder or its manifest is missing (an interrupted save, or a
-            checkpoint not written by zeroloop), the manifest is not valid JSON, or a file it
-            lists is missing or has another size (deleted or truncated).
-    """
-    manifest_path = os.path.join(tag_dir, MANIFEST)
-    if not os.path.isdir(tag_dir):
-        raise CheckpointError(f"checkpoint folder {tag_dir} does not exist")
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"{tag_dir} is not a complete zeroloop checkpoint: {MANIFEST} is missing "
-                              "(its save was interrupted, or it was not written by zeroloop)")
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e}); this checkpoint is damaged, "
-                              "resume from another one") from None
-    if isinstance(manifest, dict) and manifest.get("format") == FORMAT_1:
-        manifest = upgrade_format_1(manifest)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest (format "
-                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    missing = [key for key in REQUIRED_KEYS if key not in manifest]
-    if missing:
-        raise CheckpointError(f"{manifest_path}: the manifest lacks {', '.join(missing)}; this checkpoint is "
-                              "damaged, resume from another one")
-    for name, size in manifest["files"].items():
-        path = os.path.join(tag_dir, name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path} is missing (the manifest lists it); this checkpoint is damaged, "
-                                  "resume from another one")
-        actual = os.path.getsize(path)
-        if actual != size:
-            raise CheckpointError(f"{path} is {actual} bytes, the manifest says {size} (truncated or "
-                                  "overwritten); this checkpoint is damaged, resume from another one")
-    return manifest
-
-
-def upgrade_format_1(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 manifest (a per-rank count of micro-batches into the epoch) in today's terms."""
-    upgraded = dict(manifest, format=FORMAT)
-    try:
-        upgraded["train_state"] = TrainState(
-            step=manifest["global_step"], epoch=manifest["epoch"],
-            epoch_samples=manifest["batches_in_epoch"] * manifest["micro_batch_size"] * manifest["world_size"],
-        ).state_dict()
-    except KeyError:
-        pass  # reported as a missing key by read_manifest
-    return upgraded
-
-
-def list_checkpoints(folder: str) -> list[tuple[int, str]]:
-    """``(global_step, tag folder)`` of every complete checkpoint in ``folder``, oldest first.
-
-    Folders that fail :func:`read_manifest` are left out (with a debug log line).
-    """
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if not os.path.isdir(path) or name.endswith((TMP_SUFFIX, DELETING_SUFFIX)):
-            continue
-        try:
-            found.append((int(read_manifest(path)["global_step"]), path))
-        except CheckpointError as e:
-            log.debug("not a complete checkpoint: %s", e)
-    return sorted(found)
-
-
-def find_checkpoint(resume: str | os.PathLike | None, folder: str) -> str | None:
-    """The tag folder to resume from, or None to start fresh.
-
-    Args:
-        resume: ``"latest"``, a path (a tag folder, or a folder holding ``latest``), or None.
-        folder: the run's checkpoint folder (used by ``"latest"``).
-
-    Returns:
-        A tag folder whose manifest and files check out, or None (``resume`` is None, or
-        ``"latest"`` and ``folder`` holds no checkpoint at all).
-
-    Raises:
-        CheckpointError: a ``resume`` path that does not exist or is incomplete; a
-            ``latest`` whose checkpoint is damaged when no other complete one exists.
-    """
-    if resume is None:
-        return None
-    if os.fspath(resume) == "latest":
-        return _newest_complete(folder, explicit=False)
-    path = os.path.abspath(os.fspath(resume))
-    if not os.path.exists(path):
-        raise CheckpointError(f"resume={os.fspath(resume)!r}: no such file or folder; pass the tag folder of a "
-                              f"checkpoint (e.g. {os.path.join(folder, 'global_step100')}), resume=\"latest\" for "
-                              "the newest one in the run's checkpoint folder, or resume=None to start fresh")
-    if os.path.isfile(os.path.join(path, LATEST)) and not os.path.isfile(os.path.join(path, MANIFEST)):
-        return _newest_complete(path, explicit=True)
-    read_manifest(path)
-    return path
-
-
-def _newest_complete(folder: str, explicit: bool) -> str | None:
-    """What ``latest`` names when complete; otherwise the newest complete checkpoint, with a warning."""
-    latest_path = os.path.join(folder, LATEST)
-    complete = list_checkpoints(folder)
-    if not os.path.isfile(latest_path):
-        if complete:
-            log.warning("%s is missing; resuming from the newest complete checkpoint, %s", latest_path,
-                        complete[-1][1])
-            return complete[-1][1]
-        if explicit:
-            raise CheckpointError(f"{folder} holds no complete checkpoint")
-        return None
-    with open(latest_path, encoding="utf-8") as f:
-        tag = f.read().strip()
-    try:
-        return _checked(os.path.join(folder, tag), latest_path)
-    except CheckpointError as problem:
-        if not complete:
-            raise CheckpointError(f"{latest_path} names {tag!r}, which cannot be resumed from: {problem}. "
-                                  f"No other complete checkpoint is in {folder}; pass resume=None to start "
-                                  "fresh") from None
-        log.warning("%s names %r, which cannot be resumed from (%s); resuming from the newest complete "
-                    "checkpoint, %s", latest_path, tag, problem, complete[-1][1])
-        return complete[-1][1]
-
-
-def _checked(tag_dir: str, named_by: str) -> str:
-    if not tag_dir or not os.path.isdir(tag_dir):
-        raise CheckpointError(f"the tag folder {tag_dir} named by {named_by} does not exist")
-    read_manifest(tag_dir)
-    return tag_dir
-
-
-def check_compatible(manifest: dict[str, Any], tag_dir: str, *, world_size: int, zero_stage: int,
-                     micro_batch_size: int) -> None:
-    """Refuse a checkpoint this run cannot continue exactly.
-
-    Raises:
-        CheckpointError: the world size, ZeRO stage or micro-batch size differs from the
-            saved one; the message says what changed and what to do.
-    """
-    where = os.path.join(tag_dir, MANIFEST)
-    universal = ("DeepSpeed's per-rank ZeRO files only load into the same layout: run with the saved "
-                 "setting, or convert the checkpoint to a universal one (python -m "
-                 "deepspeed.checkpoint.ds_to_universal --input_folder {tag} --output_folder {tag}_universal) "
-                 "and load it with DeepSpeed's \"checkpoint\": {{\"load_universal\": true}}, which zeroloop "
-                 "does not resume from yet").format(tag=tag_dir)
-    if manifest["world_size"] != world_size:
-        raise CheckpointError(f"{where}: saved with world size {manifest['world_size']}, this run has "
-                              f"{world_size} ranks. {universal}")
-    if manifest["zero_stage"] != zero_stage:
-        raise CheckpointError(f"{where}: saved with ZeRO stage {manifest['zero_stage']}, this run's config "
-                              f"has zero_optimization.stage={zero_stage}. {universal}")
-    if manifest["micro_batch_size"] != micro_batch_size:
-        raise CheckpointError(f"{where}: saved with train_micro_batch_size_per_gpu="
-                              f"{manifest['micro_batch_size']}, this run uses {micro_batch_size}; the data "
-                              "position cannot be mapped: resume with the saved micro-batch size")
-
-
 # --- the manager -------------------------------------------------------------------------------------
 
 
@@ -487,11 +329,13 @@ class RunFacts:
         total_steps: optimizer steps of the whole run, when known (an ``"auto"`` scheduler
             length depends on it).
         ds_config: the resolved DeepSpeed config.
+        samples_per_epoch: samples (over all ranks) a whole epoch trains, when known.
     """
 
     seed: int
     total_steps: int | None
     ds_config: dict
+    samples_per_epoch: int | None = None
 
 
 class Checkpointer:
@@ -511,12 +355,16 @@ class Checkpointer:
         facts: what else the manifest records (seed, run length, config).
         before_save: called on every rank before each save (collective), to bring ``state``
             up to date (the loop adds the tokens counted since its last all-reduce).
+        node_local: the config asks for node-local storage; read while ``engine`` is None
+            (the loop picks the checkpoint before building the engine), the engine's
+            setting afterwards.
     """
 
     def __init__(self, settings: CheckpointSettings, output_dir: str, *, engine: Any, state: TrainState,
-                 facts: RunFacts, before_save: Callable[[], None] | None = None):
+                 facts: RunFacts, before_save: Callable[[], None] | None = None, node_local: bool = False):
         import deepspeed.comm as dist
 
+        self.node_local_before_engine = node_local
         self.settings = settings
         self.output_dir = output_dir
         self.engine = engine
@@ -541,7 +389,7 @@ class Checkpointer:
         """DeepSpeed's ``"checkpoint": {"use_node_local_storage": true}``: each machine keeps
         the files of its own ranks in its own ``folder`` (a local disk), not a shared one."""
         use = getattr(self.engine, "use_node_local_storage", None)
-        return bool(use()) if callable(use) else False
+        return bool(use()) if callable(use) else self.node_local_before_engine
 
     @property
     def _keeps_folder(self) -> bool:
@@ -579,47 +427,61 @@ class Checkpointer:
         """Save and stop at the next optimizer step (what SIGTERM does); may be called on one rank."""
         self._stop_requested = True
 
-    def load(self, tag_dir: str, manifest: dict[str, Any]) -> None:
+    def load(self, tag_dir: str, manifest: dict[str, Any], plan: ResumePlan | None = None) -> None:
         """Restore the engine (DeepSpeed), this rank's RNG states and the :class:`TrainState`.
+        Collective.
+
+        Args:
+            tag_dir: the checkpoint (a zeroloop tag folder, or a DeepSpeed universal one).
+            manifest: its manifest (:func:`read_checkpoint`).
+            plan: how to resume it (default: :meth:`plan` of this run).
 
         Raises:
             CheckpointError: DeepSpeed could not load the folder, or its files disagree.
         """
-        folder, tag = os.path.split(os.path.abspath(tag_dir))
+        plan = plan or self.plan(manifest)
+        if plan.universal:
+            load_universal(self.engine, tag_dir if manifest.get("universal") else self._universal_copy(tag_dir))
+        else:
+            self._load_native(tag_dir)
+        rng = self._rank_rng(tag_dir, manifest) if plan.same_ranks and not manifest.get("universal") else None
         try:
-            load_path, _ = self.engine.load_checkpoint(folder, tag=tag)
-        except Exception as e:  # noqa: BLE001 - reported with the folder and the fix
-            raise CheckpointError(f"DeepSpeed could not load {tag_dir}: {type(e).__name__}: {e}") from e
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed found no model states in {tag_dir}")
-        path = os.path.join(tag_dir, rank_file(self.rank))
-        with open(path, encoding="utf-8") as f:
-            rank_state = json.load(f)
-        if rank_state.get("global_step") != manifest["global_step"]:
-            raise CheckpointError(f"{path} is from step {rank_state.get('global_step')}, the manifest from step "
-                                  f"{manifest['global_step']}; this checkpoint is damaged, resume from another one")
-        try:
-            self.state.load_state_dict(manifest["train_state"])
+            self.state.load_state_dict(self._train_state(manifest))
         except ValueError as e:
             raise CheckpointError(f"{os.path.join(tag_dir, MANIFEST)}: {e}; this checkpoint is damaged, resume "
                                   "from another one") from None
-        set_rng_state(rank_state["rng"])
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # another number of ranks: per-rank streams cannot be mapped (see zeroloop.resume)
+            seed_rank(self.facts.seed, self.state.step, self.rank)
         replay_cpu_adam_bias_corrections(self.engine)
+        reapply(self.engine, self.facts.ds_config, plan.reapply)
         self.resumed_from = os.path.abspath(tag_dir)
         self.last_saved_step = manifest["global_step"]
 
+    def plan(self, manifest: dict[str, Any]) -> ResumePlan:
+        """How ``manifest``'s checkpoint resumes into this run (:func:`zeroloop.resume.plan_resume`)."""
+        plan = plan_resume(manifest, self.facts.ds_config, self.world_size, seed=self.facts.seed,
+                           total_steps=self.facts.total_steps, samples_per_epoch=self.facts.samples_per_epoch)
+        if plan.universal and self.node_local:
+            plan.refused.append("another layout with node-local storage: the conversion needs every rank's files, "
+                                "and each machine holds only its own; copy every machine's tag folder into one "
+                                "folder and resume from it (resume=\"path/to/global_stepN\") without "
+                                "use_node_local_storage, or resume on the saved layout")
+        return plan
+
     # --- what the loop calls -----------------------------------------------------------------
 
-    def resume(self) -> str | None:
-        """Resume per ``settings.resume``: rank 0 picks and checks the checkpoint (with
-        node-local storage, every machine looks in its own folder and they agree on a step),
-        every rank loads it. Collective.
+    def choose(self) -> tuple[str, dict[str, Any]] | None:
+        """Rank 0 picks the checkpoint per ``settings.resume`` and checks it (with node-local
+        storage, every machine looks in its own folder and they agree on a step). Collective;
+        needs no engine (the loop calls it before building one, to keep the saved batch).
 
         Returns:
-            The tag folder resumed from, or None for a fresh start.
+            ``(tag folder, manifest)`` on every rank, or None for a fresh start.
 
         Raises:
-            CheckpointError: the checkpoint is missing, damaged or incompatible (on every rank).
+            CheckpointError: the checkpoint is missing or damaged (on every rank).
         """
         import deepspeed.comm as dist
 
@@ -633,11 +495,30 @@ class Checkpointer:
             status, tag_dir, manifest = choice[0]
         if status == "error":
             raise CheckpointError(tag_dir)
-        if tag_dir is None:
+        return None if tag_dir is None else (tag_dir, manifest)
+
+    def resume(self, choice: Any = "choose", plan: ResumePlan | None = None) -> str | None:
+        """Resume per ``settings.resume`` (or the ``choice`` :meth:`choose` made): every rank
+        loads it, in this run's layout, and one line reports what changed. Collective.
+
+        Returns:
+            The tag folder resumed from, or None for a fresh start.
+
+        Raises:
+            CheckpointError: the checkpoint is missing, damaged, or differs from this run in
+                a way that cannot be resumed (on every rank; each difference and its fix listed).
+        """
+        choice = self.choose() if choice == "choose" else choice
+        if choice is None:
             return None
-        self.load(tag_dir, manifest)
-        self._warn_on_changes(manifest)
+        tag_dir, manifest = choice
+        plan = plan or self.plan(manifest)
+        if plan.refused:
+            raise CheckpointError(f"{tag_dir} cannot be resumed by this run: " + "; ".join(plan.refused))
+        self.load(tag_dir, manifest, plan)
         if self.rank == 0:
+            if plan.changes:
+                log.warning("resuming %s with changes: %s", tag_dir, plan.report())
             log.info("resumed from %s at step %d (epoch %d, %d samples into it)", tag_dir, self.state.step,
                      self.state.epoch, self.state.epoch_samples)
         return tag_dir
@@ -721,7 +602,9 @@ class Checkpointer:
         keeps_folder, previous = self._keeps_folder, read_latest(self.folder)
         self._agree(tag, tmp_dir, attempt(self._prepare, tmp_dir) if keeps_folder else None)
         with write_errors_recorded(engine) as recorded:
-            engine.save_checkpoint(self.folder, tag=os.path.basename(tmp_dir), client_state={}, save_latest=False)
+            # The universal-checkpoint marker lets DeepSpeed's ds_to_universal convert it as it is.
+            engine.save_checkpoint(self.folder, tag=os.path.basename(tmp_dir), client_state=dict(UNIVERSAL_INFO),
+                                   save_latest=False)
         error = recorded.error or attempt(self._write_rank_file, tmp_dir, rng)
         if error is None and keeps_folder:  # a Hugging Face model's config.json, for `zeroloop consolidate`
             error = attempt(save_pretrained_configs, engine.module, tmp_dir)
@@ -778,9 +661,11 @@ class Checkpointer:
                               "quota, file-size limit, a read-only mount), then resume with resume=\"latest\"")
 
     def _fsync_share(self, tmp_dir: str) -> None:
-        """This rank's share of fsyncing every file in the folder (fsync works on any file)."""
+        """This rank's share of fsyncing every file and sub-folder in the folder (fsync works
+        on any file; NVMe offload saves its swap files in ``offloaded_tensors/``)."""
         index, count = self._folder_sharers()
-        for name in sorted(os.listdir(tmp_dir))[index::count]:
+        names = sorted(folder_files(tmp_dir)) + [os.path.relpath(root, tmp_dir) for root, _, _ in os.walk(tmp_dir)]
+        for name in names[index::count]:
             fsync_path(os.path.join(tmp_dir, name))
 
     def _publish(self, tmp_dir: str, tag: str, manifest: dict[str, Any]) -> None:
@@ -788,14 +673,14 @@ class Checkpointer:
         ``latest`` cannot be replaced, the renamed folder goes back to its temporary name,
         so that a failed save leaves the folder as it was.
 
-        The manifest lists the files of this folder, so with node-local storage each
-        machine's manifest lists (and resuming checks) the files that machine holds.
+        The manifest lists the files of this folder (those in sub-folders by their relative
+        path), so with node-local storage each machine's manifest lists (and resuming
+        checks) the files that machine holds.
         """
-        names = sorted(os.listdir(tmp_dir))
-        manifest["files"] = {name: os.path.getsize(os.path.join(tmp_dir, name)) for name in names}
+        manifest["files"] = folder_files(tmp_dir)
         if self.node_local:
             manifest["node_local"] = True
-            manifest["rank_files"] = [name for name in names if RANK_FILE.fullmatch(name)]
+            manifest["rank_files"] = [name for name in manifest["files"] if RANK_FILE.fullmatch(name)]
         write_json_durably(os.path.join(tmp_dir, MANIFEST), manifest)
         final_dir = os.path.join(self.folder, tag)
         if os.path.exists(final_dir):  # the same step saved before (e.g. after resuming an older one)
@@ -832,6 +717,8 @@ class Checkpointer:
             "train_state": self.state.state_dict(),
             "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
             "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+            "train_batch_size": engine.train_batch_size(),
+            "samples_per_epoch": self.facts.samples_per_epoch,
             "total_steps": self.facts.total_steps,
             "sampler_seed": self.facts.seed,
             "world_size": self.world_size,
@@ -855,6 +742,8 @@ class Checkpointer:
             for path in complete[:-self.settings.keep]:
                 if os.path.abspath(path) not in protected:
                     self._delete(path)
+                    if os.path.isdir(universal_sibling(path)):  # its cached conversion goes with it
+                        self._delete(universal_sibling(path))
         except OSError as e:
             log.warning("could not delete old checkpoints in %s (keep=%d): %s", self.folder, self.settings.keep, e)
 
@@ -912,38 +801,72 @@ class Checkpointer:
             if tag_dir is None:
                 log.info("no checkpoint to resume from in %s: starting fresh", self.folder)
                 return "ok", None, None
-            manifest = read_manifest(tag_dir)
-            check_compatible(manifest, tag_dir, world_size=self.world_size,
-                             zero_stage=int(self.engine.zero_optimization_stage()),
-                             micro_batch_size=self.engine.train_micro_batch_size_per_gpu())
-            return "ok", tag_dir, manifest
+            return "ok", tag_dir, read_checkpoint(tag_dir)
         except (CheckpointError, OSError) as e:  # every rank raises it, none waits forever
             return "error", str(e), None
 
     def _remove_leftovers(self) -> None:
-        """Temporary and half-deleted folders of crashed runs (never loadable)."""
+        """Temporary and half-deleted folders of crashed runs (never loadable), and
+        interrupted universal conversions."""
         if not os.path.isdir(self.folder):
             return
         for name in os.listdir(self.folder):
             path = os.path.join(self.folder, name)
             if os.path.isdir(path) and name.endswith((TMP_SUFFIX, DELETING_SUFFIX)):
-                log.info("removing %s, left by an interrupted save or delete", path)
+                log.info("removing %s, left by an interrupted save, delete or conversion", path)
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _warn_on_changes(self, manifest: dict[str, Any]) -> None:
-        """Settings that let training go on but make it differ from an uninterrupted run."""
-        changes = []
-        if manifest["sampler_seed"] != self.facts.seed:
-            changes.append(f"seed {manifest['sampler_seed']} -> {self.facts.seed} (data order changes)")
-        if manifest["gradient_accumulation_steps"] != self.engine.gradient_accumulation_steps():
-            changes.append(f"gradient_accumulation_steps {manifest['gradient_accumulation_steps']} -> "
-                           f"{self.engine.gradient_accumulation_steps()}")
-        if manifest["total_steps"] != self.facts.total_steps:
-            changes.append(f"total steps {manifest['total_steps']} -> {self.facts.total_steps} (an \"auto\" "
-                           "scheduler length changes the LR schedule)")
-        if changes and self.rank == 0:
-            log.warning("resuming with changed settings, training will differ from an uninterrupted run: %s",
-                        "; ".join(changes))
+    def _load_native(self, tag_dir: str) -> None:
+        """DeepSpeed's own ``load_checkpoint`` (the layout the checkpoint was saved with)."""
+        folder, tag = os.path.split(os.path.abspath(tag_dir))
+        try:
+            load_path, _ = self.engine.load_checkpoint(folder, tag=tag)
+        except Exception as e:  # noqa: BLE001 - reported with the folder and the fix
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}: {type(e).__name__}: {e}") from e
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed found no model states in {tag_dir}")
+
+    def _universal_copy(self, tag_dir: str) -> str:
+        """The universal sibling of ``tag_dir``: reused when complete, else converted now, the
+        work shared between the ranks. Collective."""
+        import deepspeed.comm as dist
+
+        sibling = universal_sibling(tag_dir)
+        ready = [read_universal_manifest(sibling, quiet=True) is not None] if self.rank == 0 else [False]
+        dist.broadcast_object_list(ready, src=0)
+        if ready[0]:
+            return sibling
+        return convert_collectively(tag_dir, rank=self.rank, world_size=self.world_size, barrier=dist.barrier,
+                                    all_ok=self._on_every_rank)
+
+    def _rank_rng(self, tag_dir: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        path = os.path.join(tag_dir, rank_file(self.rank))
+        try:
+            with open(path, encoding="utf-8") as f:
+                rank_state = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot be read ({e}); this checkpoint is damaged, resume from "
+                                  "another one") from None
+        if rank_state.get("global_step") != manifest["global_step"]:
+            raise CheckpointError(f"{path} is from step {rank_state.get('global_step')}, the manifest from step "
+                                  f"{manifest['global_step']}; this checkpoint is damaged, resume from another one")
+        return rank_state["rng"]
+
+    def _train_state(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The saved TrainState; for a DeepSpeed universal checkpoint (which records only
+        DeepSpeed's sample count), the position that count reaches in this run's epochs."""
+        state = dict(manifest["train_state"])
+        per_epoch = self.facts.samples_per_epoch
+        if manifest.get("universal") and per_epoch:
+            state["epoch"], state["epoch_samples"] = divmod(state["samples"], per_epoch)
+        return state
+
+    def _on_every_rank(self, flag: bool) -> bool:
+        import deepspeed.comm as dist
+
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self.engine.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
 
     def _agree_on_stop(self) -> bool:
         """True on every rank when any rank was asked to stop (one small all-reduce)."""
@@ -969,44 +892,6 @@ class Checkpointer:
 
 
 
-def replay_cpu_adam_bias_corrections(engine) -> int:
-    """Rebuild the bias-correction state DeepSpeed's CPU ``FusedAdam`` keeps outside its checkpoint.
-
-    On the CPU, DeepSpeed's ``FusedAdam`` keeps beta1**t and beta2**t in C++ state that lives
-    as long as the process: it multiplies them by beta once per step, but after a jump in the
-    step count (a resume in a new process) recomputes them with ``pow``, which differs from
-    the running product in the last bits; every resumed update is then 1 ulp off. Replaying
-    steps 1..t on empty tensors rebuilds the same running product, so resumed updates are
-    bit-identical to an uninterrupted run's. (The CUDA kernel computes them from the step
-    on every call and needs nothing.)
-
-    Args:
-        engine: a DeepSpeed engine whose optimizer state was just loaded.
-
-    Returns:
-        The steps replayed: 0 unless the optimizer is DeepSpeed's FusedAdam on a CPU.
-    """
-    from deepspeed.ops.adam import FusedAdam
-    from deepspeed.ops.adam.fused_adam import multi_tensor_applier
-
-    optimizer = engine.optimizer
-    while optimizer is not None and not isinstance(optimizer, FusedAdam):
-        optimizer = getattr(optimizer, "optimizer", None)  # ZeRO wraps the torch optimizer
-    if optimizer is None or engine.device.type != "cpu" or not optimizer.param_groups:
-        return 0
-    steps = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
-    if not steps:
-        return 0
-    group = optimizer.param_groups[0]
-    beta1, beta2 = group["betas"]
-    empty = [[torch.empty(0, dtype=torch.float32)] for _ in range(4)]  # grads, params, exp_avg, exp_avg_sq
-    for step in range(1, max(steps) + 1):
-        multi_tensor_applier(optimizer.multi_tensor_adam, optimizer._dummy_overflow_buf, empty, group["lr"],
-                             beta1, beta2, group["eps"], step, optimizer.adam_w_mode,
-                             1 if group["bias_correction"] else 0, group["weight_decay"])
-    return max(steps)
-
-
 def _json_or_none(value: Any) -> Any:
     """``value`` when JSON can hold it, else None (the manifest must stay plain JSON)."""
     try:
@@ -1026,5 +911,5 @@ def _loss_scale(engine) -> float | None:
         return None
 
 
-__all__ = ["CheckpointError", "CheckpointSettings", "Checkpointer", "RunFacts", "check_compatible", "find_checkpoint",
+__all__ = ["CheckpointError", "CheckpointSettings", "Checkpointer", "RunFacts", "find_checkpoint",
            "list_checkpoints", "read_manifest"]

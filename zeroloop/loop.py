@@ -24,7 +24,7 @@ from torch import nn
 from . import arguments, runtime
 from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
-from .checkpoint import Checkpointer, CheckpointSettings, RunFacts
+from .checkpoint import CheckpointError, Checkpointer, CheckpointSettings, RunFacts
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import RankBatches, count_rows, count_tokens, loader_batch_size, move_to_device, rank_batches
 from .launcher import shield_loader_workers
@@ -33,6 +33,7 @@ from .monitors import MonitorFeed, missing_package_problems, with_output_paths
 from .ops import announce_builds
 from .param_groups import trainable_parameters, weight_decay_groups
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
+from .resume import ResumePlan, keep_global_batch
 from .state import TrainState
 
 log = logging.getLogger("zeroloop")
@@ -484,10 +485,12 @@ class TrainerLoop:
         """Build everything ``train()`` needs; runs once, later calls return the engine.
 
         Order: check arguments; prepare the process (rank variables, CPU threads, seeds,
-        process group); resolve the config and build this rank's training and evaluation
-        batches; write the resolved config; memory pre-flight; activation checkpointing;
+        process group); with ``checkpoint=``, pick the checkpoint to resume; resolve the
+        config (keeping that checkpoint's global batch) and build this rank's training and
+        evaluation batches; compare the checkpoint with this run (refusing what cannot
+        change); write the resolved config; memory pre-flight; activation checkpointing;
         ``deepspeed.initialize``; release the /dev/shm buffer's name; health checks;
-        metrics file; checkpointer and resume from a checkpoint.
+        metrics file; resume from the checkpoint.
 
         Returns:
             The ``DeepSpeedEngine`` (also ``self.engine``).
@@ -499,7 +502,9 @@ class TrainerLoop:
             return self.engine
         self._check_args()
         self._prepare_process()
-        self.ds_config = self._resolve_config()
+        choice = self._choose_checkpoint()
+        self.ds_config = self._resolve_config(choice)
+        plan = self._plan_resume(choice)
         self._write_resolved_config()
         self._check_memory()
         self._apply_activation_checkpointing()
@@ -509,7 +514,7 @@ class TrainerLoop:
                                        enabled=self.rank == 0)
         self._monitor = MonitorFeed(self.engine, self.rank)
         if self.checkpoint is not None:
-            self._resume()
+            self._resume(choice, plan)
         return self.engine
 
     def _check_args(self) -> None:
@@ -541,14 +546,28 @@ class TrainerLoop:
         runtime.seed_everything(self.seed)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
-    def _resolve_config(self) -> dict:
+    def _choose_checkpoint(self) -> tuple[str, dict] | None:
+        """The checkpoint to resume (collective), before the config is resolved: its global
+        batch decides an ``"auto"`` micro-batch and accumulation."""
+        if self.checkpoint is None:
+            return None
+        raw = load_config(self.config)
+        node_local = isinstance(raw.get("checkpoint"), Mapping) and raw["checkpoint"].get("use_node_local_storage")
+        self.checkpointer = Checkpointer(self.checkpoint, self.output_dir, engine=None, state=self.state, facts=None,
+                                         before_save=self._sync_tokens, node_local=node_local is True)
+        return self.checkpointer.choose()
+
+    def _resolve_config(self, resume_from: tuple[str, dict] | None = None) -> dict:
         """Resolve ``"auto"`` and validate; builds this rank's batches on the way, since the
-        scheduler's length depends on the data's and the batching on the micro-batch."""
+        scheduler's length depends on the data's and the batching on the micro-batch. When
+        resuming, ``"auto"`` batch sizes keep the checkpoint's global batch."""
         raw = load_config(self.config)
         hp = self.hparams
         loader_batch = loader_batch_size(self.train_data)
         if hp.micro_batch_size is None and loader_batch is not None:
             hp = replace(hp, micro_batch_size=loader_batch)
+        if resume_from is not None:
+            hp = keep_global_batch(raw, hp, self.world_size, resume_from[1], where=resume_from[0])
         sizes = batch_sizes(raw, hp, self.world_size)
         problems = []
         if sizes is not None:
@@ -642,13 +661,27 @@ class TrainerLoop:
         else:
             self._nonfinite = non_finite_guard(self.health, self.rank, self.world_size, self.engine.device)
 
-    def _resume(self) -> None:
-        """Build the checkpointer and resume per its settings; a resumed run's metrics file
-        drops the records of steps it will train again."""
-        facts = RunFacts(seed=self.seed, total_steps=self.total_steps, ds_config=self.ds_config)
-        self.checkpointer = Checkpointer(self.checkpoint, self.output_dir, engine=self.engine, state=self.state,
-                                         facts=facts, before_save=self._sync_tokens)
-        if self.checkpointer.resume() is not None:
+    def _plan_resume(self, resume_from: tuple[str, dict] | None) -> ResumePlan | None:
+        """Give the checkpointer this run's facts; compare the checkpoint with this run and
+        refuse, before any engine is built, what cannot be resumed."""
+        if self.checkpointer is None:
+            return None
+        self.checkpointer.facts = RunFacts(seed=self.seed, total_steps=self.total_steps, ds_config=self.ds_config,
+                                           samples_per_epoch=self.train_batches.samples_per_epoch())
+        if resume_from is None:
+            return None
+        plan = self.checkpointer.plan(resume_from[1])
+        if plan.refused:
+            raise CheckpointError(f"{resume_from[0]} cannot be resumed by this run: " + "; ".join(plan.refused))
+        if plan.changes:
+            self._warnings.append(f"resumed {resume_from[0]} with changes: {plan.report()}")
+        return plan
+
+    def _resume(self, choice: tuple[str, dict] | None, plan: ResumePlan | None) -> None:
+        """Load the chosen checkpoint into the engine; a resumed run's metrics file drops
+        the records of steps it will train again."""
+        self.checkpointer.engine = self.engine
+        if self.checkpointer.resume(choice, plan) is not None:
             self._metrics_log.drop_after(self.state.step)
 
     # --- the loop's helpers --------------------------------------------------------------
