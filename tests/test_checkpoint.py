@@ -4,10 +4,12 @@ Every multi-rank test runs its loops inside one ``run_ranks`` launch (one proces
 started first so the loops reuse it) to keep the number of launches small.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -17,9 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from zeroloop import LogSettings, TrainerLoop
-from zeroloop.checkpoint import (LATEST, MANIFEST, CheckpointError, Checkpointer, CheckpointSettings,
-                                 check_compatible, find_checkpoint, list_checkpoints, rank_file, read_manifest)
+from zeroloop.checkpoint import (LATEST, MANIFEST, CheckpointError, Checkpointer, CheckpointSettings, find_checkpoint,
+                                 list_checkpoints, rank_file, read_manifest)
 from zeroloop.data import GlobalBatchSampler
+from zeroloop.resume import plan_resume
 from zeroloop.state import TrainState
 from zeroloop.testing import RankFailure, full_parameters, run_ranks, single_process, tiny_config
 
@@ -276,14 +279,14 @@ def test_latest_naming_a_missing_tag(damaged):
 
 
 @pytest.mark.multirank
-def test_world_size_and_stage_changes_are_explained(damaged):
-    tag_dir = str(damaged / "global_step2")
-    manifest = read_manifest(tag_dir)
-    check_compatible(manifest, tag_dir, world_size=2, zero_stage=2, micro_batch_size=2)
-    with pytest.raises(CheckpointError, match="world size 2, this run has 4 ranks.*ds_to_universal"):
-        check_compatible(manifest, tag_dir, world_size=4, zero_stage=2, micro_batch_size=2)
-    with pytest.raises(CheckpointError, match=f"{MANIFEST}: saved with ZeRO stage 2.*stage=3"):
-        check_compatible(manifest, tag_dir, world_size=2, zero_stage=3, micro_batch_size=2)
+def test_world_size_and_stage_changes_load_through_a_universal_checkpoint(damaged):
+    manifest = read_manifest(str(damaged / "global_step2"))
+    config = manifest["ds_config"]
+    assert not plan_resume(manifest, config, 2).universal
+    for world_size, stage in ((4, 2), (2, 3), (1, 0)):
+        changed = {**config, "zero_optimization": {"stage": stage}}
+        plan = plan_resume(manifest, changed, world_size)
+        assert plan.universal and plan.changes[0].startswith(f"layout 2 ranks, ZeRO-2, fp32 -> {world_size} rank")
 
 
 def test_resume_path_that_does_not_exist(tmp_path):
@@ -343,3 +346,235 @@ def test_resuming_an_older_checkpoint_keeps_each_step_once_in_metrics(tmp_path):
     assert [record["step"] for record in records] == [1, 2, 3, 4]
     assert [record["loss"] for record in records] == [h["loss"] for h in first.history]
     assert [h["step"] for h in again.history] == [3, 4]
+
+
+def test_a_repeated_sigterm_is_ignored_and_sigint_after_it_only_asks_to_stop(tmp_path):
+    # SLURM signals every process and the launcher forwards its own copy: a rank gets
+    # several SIGTERMs for one stop, and none of them may kill it half-way through its save.
+    checkpointer = Checkpointer(CheckpointSettings(), str(tmp_path), engine=None, state=TrainState(), facts=None)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    checkpointer.install_signal_handlers()
+    try:
+        for signum in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+            signal.raise_signal(signum)
+        assert checkpointer._stop_requested
+        assert signal.getsignal(signal.SIGTERM) == checkpointer._on_signal  # still ours
+        with pytest.raises(KeyboardInterrupt):  # the second SIGINT
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        checkpointer.remove_signal_handlers()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# --- disk trouble: a save that cannot be written -----------------------------------------------
+
+
+class LimitFileSize:
+    """RLIMIT_FSIZE on every rank: writes past 2 KiB fail with EFBIG, even for root."""
+
+    def start(self, rank, folder):
+        import resource
+
+        self.saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, self.saved[1]))
+
+    def stop(self, rank, folder):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.saved)
+
+
+class FillTheDisk:
+    """Rank 0 fills the small file system until it reports ENOSPC."""
+
+    def start(self, rank, folder):
+        if rank == 0:
+            fd = os.open(os.path.join(folder, "..", "filler"), os.O_WRONLY | os.O_CREAT)
+            try:
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * 4096)
+            finally:
+                os.close(fd)
+
+    def stop(self, rank, folder):
+        if rank == 0:
+            os.remove(os.path.join(folder, "..", "filler"))
+
+
+class MakeReadOnly:
+    """Rank 0 bind-mounts the checkpoint folder read-only over itself (root is refused too)."""
+
+    def start(self, rank, folder):
+        if rank == 0:
+            subprocess.run(["mount", "--bind", folder, folder], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", folder], check=True)
+
+    def stop(self, rank, folder):
+        if rank == 0:
+            subprocess.run(["umount", folder], check=True)
+
+
+class TroubleLoop(TrainerLoop):
+    """Saves at steps 2 and 4; the trouble starts after step 3, so the step-4 save fails."""
+
+    def __init__(self, *args, trouble, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trouble = trouble
+
+    def on_step_end(self, step, metrics):
+        if step == 3:
+            self.trouble.start(self.rank, self.checkpointer.folder)
+
+
+def train_into_trouble(rank, output_dir, trouble):
+    import deepspeed.comm as dist
+
+    loop = TroubleLoop(make_model(0), resume_config(2), train_data=RegressionData(64), output_dir=output_dir,
+                       max_steps=6, seed=3, log=LogSettings(every=100, progress_bar=False),
+                       checkpoint=CheckpointSettings(every=2), trouble=trouble)
+    try:
+        loop.train()
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    finally:
+        trouble.stop(rank, loop.checkpointer.folder)
+    dist.barrier()
+    folder = loop.checkpointer.folder
+    return {"error": error, "entries": checkpoint_entries(folder),
+            "complete": [step for step, _ in list_checkpoints(folder)],
+            "latest": (open(os.path.join(folder, LATEST)).read())}
+
+
+def disk_trouble_ranks(rank, root, small_fs):
+    import deepspeed
+
+    deepspeed.init_distributed()  # one process group for every loop
+    results = {"file size limit": train_into_trouble(rank, os.path.join(root, "fsize"), LimitFileSize())}
+    if small_fs is not None:
+        results["disk full"] = train_into_trouble(rank, os.path.join(small_fs, "full"), FillTheDisk())
+        results["read-only"] = train_into_trouble(rank, os.path.join(root, "ro"), MakeReadOnly())
+    return results
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs (root with CAP_SYS_ADMIN only; None elsewhere, where only the
+    RLIMIT_FSIZE case runs: mounts are also how the read-only case is made)."""
+    mount_point = tmp_path / "small_fs"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        yield str(mount_point)
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+# What each trouble looks like in the error (torch's zip writer hides errno: the hints tell).
+TROUBLE_WORDS = {"file size limit": "RLIMIT_FSIZE", "disk full": "bytes free", "read-only": "read-only"}
+
+
+@pytest.mark.multirank
+def test_a_save_that_cannot_be_written_fails_cleanly(tmp_path, small_fs):
+    results = run_ranks(disk_trouble_ranks, 2, str(tmp_path / "runs"), small_fs, timeout=600)
+    if small_fs is None:
+        print("no tmpfs could be mounted (not root): only the RLIMIT_FSIZE case ran")
+    for trouble, result in results[0].items():
+        error = result["error"]
+        # The same error on both ranks, naming the save, the folder that failed and why.
+        assert error is not None and results[1][trouble]["error"] == error, trouble
+        assert "checkpoint global_step4 could not be written" in error, error
+        assert "global_step4.tmp" in error and TROUBLE_WORDS[trouble] in error, error
+        assert "`latest` still names global_step2, which is complete" in error, error
+        # The previous checkpoint is complete and still named; no half tag is visible.
+        assert result["latest"] == "global_step2" and result["complete"] == [2], trouble
+        assert result["entries"] == ["global_step2", LATEST], (trouble, result["entries"])
+
+
+# --- node-local storage: each machine keeps its ranks' files in its own folder -----------------
+
+
+def node_local_loop(rank, root, max_steps):
+    config = resume_config(2)
+    config["checkpoint"] = {"use_node_local_storage": True}
+    return TrainerLoop(make_model(0), config, train_data=RegressionData(64), output_dir=os.path.join(root, f"node{rank}"),
+                       max_steps=max_steps, seed=3, log=LogSettings(progress_bar=False),
+                       checkpoint=CheckpointSettings(every=2, keep=5))
+
+
+def node_local_ranks(rank, root):
+    """Two "machines" of one rank (LOCAL_RANK 0 on both), each with its own folder."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    import zeroloop.checkpoint as checkpoint_module
+
+    deepspeed.init_distributed()
+    folder = os.path.join(root, f"node{rank}", "checkpoints")
+    node_local_loop(rank, root, 4).train()  # saves at 2 and 4 on both machines
+    entries_after_save = checkpoint_entries(folder)
+    # A crash between the machines' publishing: machine 1 never got step 4.
+    if rank == 1:
+        shutil.rmtree(os.path.join(folder, "global_step4"))
+        with open(os.path.join(folder, LATEST), "w") as f:
+            f.write("global_step2")
+    dist.barrier()
+    behind = node_local_loop(rank, root, 6)
+    behind.setup()
+    resumed_at = behind.global_step
+    behind.train()  # saves at 4 and 6 again, on both
+
+    # Publishing fails on machine 1 only: machine 0 takes its published step 8 back.
+    loop = node_local_loop(rank, root, 8)
+    if rank == 1:
+        replace_latest = checkpoint_module.replace_latest
+
+        def failing_replace_latest(folder, tag):
+            if tag == "global_step8":
+                raise OSError(28, "No space left on device", os.path.join(folder, LATEST))
+            replace_latest(folder, tag)
+
+        checkpoint_module.replace_latest = failing_replace_latest
+    try:
+        loop.train()
+        publish_error = None
+    except CheckpointError as e:
+        publish_error = str(e)
+    entries_after_failed_publish = checkpoint_entries(folder)
+
+    # Machine 1 lost its disk: nothing to resume from in common.
+    dist.barrier()
+    if rank == 1:
+        shutil.rmtree(folder)
+    dist.barrier()
+    try:
+        node_local_loop(rank, root, 10).setup()
+        lost_error = None
+    except CheckpointError as e:
+        lost_error = str(e)
+    return {"entries_after_save": entries_after_save, "resumed_at": resumed_at, "publish_error": publish_error,
+            "entries_after_failed_publish": entries_after_failed_publish, "lost_error": lost_error,
+            "manifest": read_manifest(os.path.join(root, "node0", "checkpoints", "global_step2")) if rank == 0 else None}
+
+
+@pytest.mark.multirank
+def test_node_local_storage(tmp_path):
+    results = run_ranks(node_local_ranks, 2, str(tmp_path), env={"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    for rank, result in enumerate(results):
+        # Each machine's folder holds its own checkpoints, named by its own latest.
+        assert result["entries_after_save"] == ["global_step2", "global_step4", LATEST]
+        # One machine a save behind: both resume from the newest step complete on both.
+        assert result["resumed_at"] == 2
+        # Publishing failed on machine 1: the save fails on both, and machine 0 took step 8 back.
+        assert "rank 1:" in result["publish_error"] and "No space left on device" in result["publish_error"]
+        assert result["entries_after_failed_publish"] == ["global_step2", "global_step4", "global_step6", LATEST]
+        assert "no checkpoint is complete on every machine" in result["lost_error"]
+    assert (tmp_path / "node0" / "checkpoints" / LATEST).read_text() == "global_step6"
+    manifest = results[0]["manifest"]
+    assert manifest["node_local"] and manifest["rank_files"] == [rank_file(0)]
+    assert not (tmp_path / "node0" / "checkpoints" / "global_step2" / rank_file(1)).exists()

@@ -1,6 +1,8 @@
-"""The same script under plain python, the deepspeed launcher and torchrun; the main job.
+"""The same script under plain python, the deepspeed launcher and torchrun; the main job;
+failures under the deepspeed launcher.
 
-Each run must exit 0 on every rank, abort nowhere, and leave nothing in /dev/shm.
+Each run must exit 0 on every rank, abort nowhere, and leave nothing in /dev/shm; a run that
+fails, wherever it fails, must leave nothing in /dev/shm either.
 """
 
 import json
@@ -15,11 +17,13 @@ import torch
 
 from zeroloop import consolidate
 from zeroloop.consolidate import load_state_dict
+from zeroloop.checkpoint import LATEST, MANIFEST, rank_file, read_manifest
 from zeroloop.runtime import available_cores, free_port
-from zeroloop.testing import choose_rank_device
+from zeroloop.testing import choose_rank_device, remove_shm_buffers
 
 pytestmark = pytest.mark.launcher
 SCRIPT = Path(__file__).parent / "scripts" / "tiny_train.py"
+FAILING_SCRIPT = Path(__file__).parent / "scripts" / "failing_train.py"
 TIMEOUT_S = 300
 
 
@@ -31,17 +35,25 @@ def launcher(name):
     return found
 
 
-def run(command, port, world_size=1):
+def launcher_env(world_size=2):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
                                                             "MASTER_ADDR", "OMP_NUM_THREADS")}
     # The launchers start one rank per GPU; with fewer GPUs than ranks, CPU ranks (as run_ranks).
     env.update(choose_rank_device(world_size).rank_env())
-    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    return env
+
+
+def shm_buffers_of(port):
+    """The DeepSpeed /dev/shm buffers of the run on ``port`` (their names end in _<port>_<rank>)."""
+    return [p for p in os.listdir("/dev/shm") if p.endswith(f"_{port}_0") or p.endswith(f"_{port}_1")]
+
+
+def run(command, port, world_size=1):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=launcher_env(world_size))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "terminate called" not in output and "Traceback" not in output, output[-4000:]
-    leftovers = [p for p in os.listdir("/dev/shm") if p.endswith(f"_{port}_0") or p.endswith(f"_{port}_1")]
-    assert not leftovers, leftovers
+    assert not shm_buffers_of(port)
     return output
 
 
@@ -115,3 +127,76 @@ def test_train_takes_the_config_under_deepspeeds_names(flag):
     # As the deepspeed launcher passes it: --local_rank first, then the script's own arguments.
     args = build_parser().parse_args(["--local_rank=1", "train", flag, "ds_config.json", "--steps", "3"])
     assert args.config == "ds_config.json" and args.steps == 3
+
+
+# What each failure of failing_train.py prints, to show the run failed where it was meant to.
+FAILURE_MESSAGES = {
+    "config": "given both to the loop and in the config",  # before deepspeed.initialize
+    "scheduler": "WarmupCosine",
+    "monitor": "wandb",
+    "optimizer": "the client optimizer factory failed on purpose",  # inside deepspeed.initialize
+    "resume": "no-such-checkpoint",  # after it
+    "step": "compute_loss failed on purpose",  # in the training loop
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURE_MESSAGES))
+def test_a_failure_under_deepspeed_leaves_nothing_in_dev_shm(failure, tmp_path):
+    port = free_port()
+    try:
+        result = subprocess.run([launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+                                 str(FAILING_SCRIPT), "--out", str(tmp_path), "--fail", failure],
+                                capture_output=True, text=True, timeout=TIMEOUT_S, env=launcher_env())
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output[-4000:]
+        assert FAILURE_MESSAGES[failure] in output, output[-4000:]
+        assert not shm_buffers_of(port)
+    finally:
+        remove_shm_buffers(port)  # keep later tests independent of this one's result
+
+
+TWO_NODES_SCRIPT = Path(__file__).parent / "scripts" / "two_nodes_train.py"
+
+
+def run_two_nodes(out, phase):
+    """Two torchrun "machines" of one rank each on this machine, with a static rendezvous."""
+    port = free_port()
+    commands = [[launcher("torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                 "--master_addr", "127.0.0.1", "--master_port", str(port), str(TWO_NODES_SCRIPT), "--out", str(out),
+                 "--phase", phase] for node in (0, 1)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launcher_env())
+             for command in commands]
+    outputs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+        assert "terminate called" not in output and "Traceback" not in output, output[-4000:]
+    return [json.loads((out / f"{phase}_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_two_machines_train_checkpoint_and_resume(tmp_path):
+    first, resumed = run_two_nodes(tmp_path, "first"), run_two_nodes(tmp_path, "resume")
+    for rank in (0, 1):
+        assert first[rank]["env"] == {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank)}
+        straight = first[rank]["straight"]
+        for storage in ("shared", "node_local"):
+            stopped, then = first[rank][storage], resumed[rank][storage]
+            assert (stopped["steps"], then["steps"]) == (5, 8), storage
+            assert stopped["losses"] + then["losses"] == straight["losses"], storage
+            assert then["weights"] == straight["weights"], storage
+
+    # A shared folder holds every rank's files under one manifest.
+    shared = tmp_path / "shared" / "checkpoints"
+    assert (shared / LATEST).read_text() == "global_step8"
+    assert read_manifest(str(shared / "global_step8"))["rank_files"] == [rank_file(0), rank_file(1)]
+    # Node-local storage: each machine's folder holds its own ranks' files (and DeepSpeed's
+    # model states, written by each machine's first rank), listed by its own manifest.
+    for node in (0, 1):
+        folder = tmp_path / f"node{node}" / "checkpoints"
+        assert (folder / LATEST).read_text() == "global_step8"
+        tag_dir = folder / "global_step8"
+        manifest = read_manifest(str(tag_dir))
+        assert manifest["node_local"] and manifest["rank_files"] == [rank_file(node)]
+        assert set(manifest["files"]) == {name for name in os.listdir(tag_dir) if name != MANIFEST}
+        assert "mp_rank_00_model_states.pt" in manifest["files"]
+        assert [name for name in manifest["files"] if "optim_states" in name] == \
+            [f"zero_pp_rank_{node}_mp_rank_00_optim_states.pt"]

@@ -12,8 +12,8 @@ import pytest
 from helpers import RegressionData, make_model
 
 from zeroloop import TrainerLoop, quiet
-from zeroloop.ops import announce_builds, optimizer_builder
-from zeroloop.testing import single_process, tiny_config
+from zeroloop.ops import announce_builds, clear_stale_build_locks, optimizer_builder
+from zeroloop.testing import run_ranks, single_process, tiny_config
 
 
 def adam(**params):
@@ -47,6 +47,46 @@ def test_the_process_group_starts_without_the_shm_comm_op(tmp_path):
         TrainerLoop(make_model(), tiny_config(), train_data=RegressionData(), output_dir=tmp_path,
                     max_steps=1).setup()
         assert dist.is_initialized() and comm.cdb.shm_comm_op is None
+
+
+HOLD_OPEN = "import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(fd, flush=True); time.sleep(60)"
+
+
+def builder_holding(lock: Path) -> subprocess.Popen:
+    """A process that takes the build lock the way torch's FileBaton does and keeps it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_OPEN, str(lock)], stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # the lock exists and is open
+    return proc
+
+
+def test_a_build_lock_is_removed_only_once_its_holder_is_gone(tmp_path, caplog):
+    lock = tmp_path / "fused_adam" / "lock"
+    builder = builder_holding(lock)
+    try:
+        assert clear_stale_build_locks(str(tmp_path), recheck_s=0.1) == []  # a build in progress
+        assert lock.exists()
+    finally:
+        builder.kill()
+        builder.wait()
+    assert clear_stale_build_locks(str(tmp_path), recheck_s=0.1) == [str(lock)]
+    assert not lock.exists() and "killed while building" in caplog.text
+
+
+def wait_for_op_lock(rank, lock):
+    from torch.utils.file_baton import FileBaton
+
+    FileBaton(lock).wait()  # what a rank loading a C++ op does while another builds it
+    return rank
+
+
+def test_ranks_do_not_wait_forever_on_a_lock_left_by_a_killed_build(tmp_path):
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    killed = builder_holding(lock)
+    killed.kill()
+    killed.wait()
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    assert run_ranks(wait_for_op_lock, 1, str(lock), env=env, timeout=60) == [0]
 
 
 def record(name, level, message):

@@ -1,6 +1,8 @@
 """The ``zeroloop`` command line.
 
-``zeroloop --version``; ``zeroloop train`` runs the bundled byte-level GPT job. Launch it
+``zeroloop --version``; ``zeroloop train`` runs the bundled byte-level GPT job;
+``zeroloop inspect`` describes a checkpoint; ``zeroloop universal`` converts one to
+DeepSpeed's universal checkpoint. Launch it
 on several ranks with ``deepspeed -q --num_gpus 2 --module zeroloop train`` or
 ``torchrun --nproc_per_node 2 -m zeroloop train``.
 """
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_command(commands)
     add_consolidate_command(commands)
     add_report_command(commands)
+    add_inspect_command(commands)
+    add_universal_command(commands)
     return parser
 
 
@@ -210,6 +214,54 @@ def run_report(args: argparse.Namespace) -> int:
     print(table)
     if png:
         print(f"wrote {png}")
+
+
+def add_inspect_command(commands) -> None:
+    p = commands.add_parser("inspect", help="show a checkpoint's manifest: step, layout, files, completeness",
+                            description="Describe a checkpoint from its manifest (JSON only, nothing is "
+                                        "unpickled): step and data position, world size, ZeRO stage, "
+                                        "precision, batch sizes, every file with its size, and whether it is "
+                                        "complete. Given the folder holding 'latest', describes every tag.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a tag folder, or the folder holding 'latest'")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--no-files", action="store_true", help="leave out the list of files")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .inspection import CheckpointError, format_inspection, inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        print(f"zeroloop inspect: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(info, indent=1) if args.json else format_inspection(info, files=not args.no_files))
+    return 0
+
+
+def add_universal_command(commands) -> None:
+    p = commands.add_parser("universal", help="convert a checkpoint to DeepSpeed's universal checkpoint",
+                            description="Write DeepSpeed's universal checkpoint of a checkpoint saved at any "
+                                        "ZeRO stage, precision and world size, streaming (one parameter in "
+                                        "memory at a time). Resuming on another layout does this by itself; "
+                                        "use it to convert ahead of time, or for DeepSpeed's own "
+                                        "\"load_universal\".")
+    p.add_argument("checkpoint", metavar="TAG_DIR", help="the checkpoint's tag folder")
+    p.add_argument("--output", default=None, help="where to write it (default: TAG_DIR.universal, the folder a "
+                                                  "resume looks for)")
+    p.set_defaults(run=run_universal)
+
+
+def run_universal(args: argparse.Namespace) -> int:
+    from .universal import CheckpointError, convert_to_universal
+
+    try:
+        output = convert_to_universal(args.checkpoint, args.output)
+    except CheckpointError as e:
+        print(f"zeroloop universal: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"output_dir": output}), flush=True)
     return 0
 
 

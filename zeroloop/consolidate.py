@@ -808,18 +808,33 @@ def _staging_dir(output_dir: str | os.PathLike) -> Iterator[str]:
 def _publish(staging: str, output_dir: str | os.PathLike) -> list[str]:
     """Move the finished files into ``output_dir``, replacing earlier weight files there.
 
+    A reader, or a crash at any moment, finds the earlier complete set or the new one, never
+    a mix: every file is flushed to disk first; a single file replaces the earlier one
+    atomically (the earlier index, which readers prefer, goes only after); new shards go in
+    only once the earlier index is gone (they may reuse its shards' names), their index last.
+    Replacing one sharded set by another leaves a moment with no index: nothing loads, and
+    the next run writes it again.
+
     Returns:
         The safetensors file names, in order.
     """
+    from .checkpoint import fsync_path
+
     output_dir = os.path.abspath(os.fspath(output_dir))
     names = sorted(os.listdir(staging))
+    sharded = INDEX_NAME in names
     try:
         os.makedirs(output_dir, exist_ok=True)
-        for old in _weight_file_names(output_dir):
-            os.remove(os.path.join(output_dir, old))
-        # The index last: a reader never sees an index whose shards are not there yet.
-        for name in sorted(names, key=lambda n: n == INDEX_NAME):
+        earlier = set(_weight_file_names(output_dir))
+        for name in names:
+            fsync_path(os.path.join(staging, name))
+        if sharded and INDEX_NAME in earlier:
+            os.remove(os.path.join(output_dir, INDEX_NAME))
+        for name in sorted(names, key=lambda n: n == INDEX_NAME):  # the index last
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        for stale in sorted(earlier - set(names), key=lambda n: n != INDEX_NAME):  # an earlier index first
+            os.remove(os.path.join(output_dir, stale))
+        fsync_path(output_dir)
     except OSError as e:
         raise CheckpointError(f"cannot write the output folder {output_dir!r}: {e}; choose a folder you can "
                               "write to, or fix its permissions") from None

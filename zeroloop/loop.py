@@ -25,15 +25,17 @@ from . import arguments, runtime
 from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
 from .autocast import Bf16Choice, choose_for_run, left_to_zeroloop, with_mode
-from .checkpoint import Checkpointer, CheckpointSettings, RunFacts
+from .checkpoint import CheckpointError, Checkpointer, CheckpointSettings, RunFacts
 from .compiling import compile_engine, compile_requested, run_problems, setting_problems
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import RankBatches, count_rows, count_tokens, loader_batch_size, move_to_device, rank_batches
+from .launcher import shield_loader_workers
 from .metrics import CustomMetrics, MetricsLog, ProgressBar
 from .monitors import MonitorFeed, missing_package_problems, with_output_paths
 from .ops import announce_builds
 from .param_groups import trainable_parameters, weight_decay_groups
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
+from .resume import ResumePlan, keep_global_batch
 from .state import TrainState
 
 log = logging.getLogger("zeroloop")
@@ -342,6 +344,9 @@ class TrainerLoop:
         engine = self.setup()
         if self.checkpointer is not None:
             self.checkpointer.install_signal_handlers()
+            # The rank decides when to stop; its DataLoader workers must survive the signal.
+            for batches in (self.train_batches, self.eval_batches):
+                shield_loader_workers(getattr(batches, "loader", getattr(batches, "batches", None)))
         self.on_train_start()
         bar = ProgressBar(self.total_steps, initial=self.state.step,
                           enabled=self.rank == 0 and self.log.progress_bar)
@@ -368,20 +373,18 @@ class TrainerLoop:
                     break
             if window.micro_steps:  # a tail since the last logged step
                 summary.final_loss = self._reduce_window(window)["loss"]
+            bar.close()
+
+            self._complete_summary(summary, time.perf_counter() - started, samples_before, tokens_before)
+            if self.eval_batches is not None and not self._evaluation_due():
+                summary.eval_loss = self.evaluate()["eval_loss"]
+            if self.checkpointer is not None:
+                self.checkpointer.finish(progress=self.rank == 0 and self.log.progress_bar)
+            self.on_train_end(summary)
         except BaseException:
+            bar.close()
             self._finish(clean=False)
             raise
-        finally:
-            bar.close()
-            if self.checkpointer is not None:
-                self.checkpointer.remove_signal_handlers()
-
-        self._complete_summary(summary, time.perf_counter() - started, samples_before, tokens_before)
-        if self.eval_batches is not None and not self._evaluation_due():
-            summary.eval_loss = self.evaluate()["eval_loss"]
-        if self.checkpointer is not None:
-            self.checkpointer.finish(progress=self.rank == 0 and self.log.progress_bar)
-        self.on_train_end(summary)
         self._finish()
         return summary
 
@@ -491,11 +494,12 @@ class TrainerLoop:
         """Build everything ``train()`` needs; runs once, later calls return the engine.
 
         Order: check arguments; prepare the process (rank variables, CPU threads, seeds,
-        process group); resolve the config (and the bf16 mode) and build this rank's
-        training and evaluation batches; write the resolved config; memory pre-flight;
-        activation checkpointing; ``deepspeed.initialize``; release the /dev/shm buffer's
-        name; ``engine.compile()`` when asked; health checks; metrics file; checkpointer and
-        resume from a checkpoint.
+        process group); with ``checkpoint=``, pick the checkpoint to resume; resolve the
+        config (keeping that checkpoint's global batch, and picking the bf16 mode) and build
+        this rank's training and evaluation batches; compare the checkpoint with this run
+        (refusing what cannot change); write the resolved config; memory pre-flight;
+        activation checkpointing; ``deepspeed.initialize``; ``engine.compile()`` when asked;
+        health checks; metrics file; resume from the checkpoint.
 
         Returns:
             The ``DeepSpeedEngine`` (also ``self.engine``).
@@ -507,12 +511,13 @@ class TrainerLoop:
             return self.engine
         self._check_args()
         self._prepare_process()
-        self.ds_config = self._resolve_config()
+        choice = self._choose_checkpoint()
+        self.ds_config = self._resolve_config(choice)
+        plan = self._plan_resume(choice)
         self._write_resolved_config()
         self._check_memory()
         self._apply_activation_checkpointing()
         self.engine = self._build_engine()
-        self._after_engine_init()
         if compile_requested(self.compile, self.ds_config):
             compile_engine(self.engine, self.compile)
         self._build_health_checks()
@@ -520,7 +525,7 @@ class TrainerLoop:
                                        enabled=self.rank == 0)
         self._monitor = MonitorFeed(self.engine, self.rank)
         if self.checkpoint is not None:
-            self._resume()
+            self._resume(choice, plan)
         return self.engine
 
     def _check_args(self) -> None:
@@ -553,14 +558,28 @@ class TrainerLoop:
         runtime.seed_everything(self.seed)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
-    def _resolve_config(self) -> dict:
+    def _choose_checkpoint(self) -> tuple[str, dict] | None:
+        """The checkpoint to resume (collective), before the config is resolved: its global
+        batch decides an ``"auto"`` micro-batch and accumulation."""
+        if self.checkpoint is None:
+            return None
+        raw = load_config(self.config)
+        node_local = isinstance(raw.get("checkpoint"), Mapping) and raw["checkpoint"].get("use_node_local_storage")
+        self.checkpointer = Checkpointer(self.checkpoint, self.output_dir, engine=None, state=self.state, facts=None,
+                                         before_save=self._sync_tokens, node_local=node_local is True)
+        return self.checkpointer.choose()
+
+    def _resolve_config(self, resume_from: tuple[str, dict] | None = None) -> dict:
         """Resolve ``"auto"`` and validate; builds this rank's batches on the way, since the
-        scheduler's length depends on the data's and the batching on the micro-batch."""
+        scheduler's length depends on the data's and the batching on the micro-batch. When
+        resuming, ``"auto"`` batch sizes keep the checkpoint's global batch."""
         raw = load_config(self.config)
         hp = self.hparams
         loader_batch = loader_batch_size(self.train_data)
         if hp.micro_batch_size is None and loader_batch is not None:
             hp = replace(hp, micro_batch_size=loader_batch)
+        if resume_from is not None:
+            hp = keep_global_batch(raw, hp, self.world_size, resume_from[1], where=resume_from[0])
         sizes = batch_sizes(raw, hp, self.world_size)
         problems = []
         if sizes is not None:
@@ -582,11 +601,11 @@ class TrainerLoop:
                                       hidden_size=hidden_size_of(self.model))
         except ConfigError as e:
             raise ConfigError(e.problems + problems, source=e.source) from None
-        problems += fp16_support_problems(resolved)
+        problems += fp16_support_problems(resolved) + missing_package_problems(resolved)
         problems += run_problems(self.compile, resolved)
         if problems:
             raise ConfigError(problems)
-        return self._choose_bf16_mode(raw, resolved)
+        return with_output_paths(self._choose_bf16_mode(raw, resolved), self.output_dir)
 
     def _choose_bf16_mode(self, raw: dict, resolved: dict) -> dict:
         """bf16 left to zeroloop ("auto" or the loop's precision): DeepSpeed's torch_autocast
@@ -597,10 +616,6 @@ class TrainerLoop:
         if self.rank == 0:
             log.info("bf16: %s (%s)", self.bf16_choice.mode, self.bf16_choice.reason)
         return with_mode(resolved, self.bf16_choice.mode)
-        problems += fp16_support_problems(resolved) + missing_package_problems(resolved)
-        if problems:
-            raise ConfigError(problems)
-        return with_output_paths(resolved, self.output_dir)
 
     def _build_batches(self, micro_batch_size: int) -> list[str]:
         """This rank's training and evaluation batches; the problems found, for ConfigError."""
@@ -663,27 +678,33 @@ class TrainerLoop:
         )
         return engine
 
-    def _after_engine_init(self) -> None:
-        import deepspeed.comm as dist
-
-        # Every peer has mapped this rank's /dev/shm buffer once all ranks pass the
-        # barrier after init; its name can go now (the mappings stay valid).
-        dist.barrier()
-        runtime.unlink_own_shm_buffer()
-
     def _build_health_checks(self) -> None:
         if self.engine.fp16_enabled():
             self._scale_monitor = LossScaleMonitor(self.engine, self.health)
         else:
             self._nonfinite = non_finite_guard(self.health, self.rank, self.world_size, self.engine.device)
 
-    def _resume(self) -> None:
-        """Build the checkpointer and resume per its settings; a resumed run's metrics file
-        drops the records of steps it will train again."""
-        facts = RunFacts(seed=self.seed, total_steps=self.total_steps, ds_config=self.ds_config)
-        self.checkpointer = Checkpointer(self.checkpoint, self.output_dir, engine=self.engine, state=self.state,
-                                         facts=facts, before_save=self._sync_tokens)
-        if self.checkpointer.resume() is not None:
+    def _plan_resume(self, resume_from: tuple[str, dict] | None) -> ResumePlan | None:
+        """Give the checkpointer this run's facts; compare the checkpoint with this run and
+        refuse, before any engine is built, what cannot be resumed."""
+        if self.checkpointer is None:
+            return None
+        self.checkpointer.facts = RunFacts(seed=self.seed, total_steps=self.total_steps, ds_config=self.ds_config,
+                                           samples_per_epoch=self.train_batches.samples_per_epoch())
+        if resume_from is None:
+            return None
+        plan = self.checkpointer.plan(resume_from[1])
+        if plan.refused:
+            raise CheckpointError(f"{resume_from[0]} cannot be resumed by this run: " + "; ".join(plan.refused))
+        if plan.changes:
+            self._warnings.append(f"resumed {resume_from[0]} with changes: {plan.report()}")
+        return plan
+
+    def _resume(self, choice: tuple[str, dict] | None, plan: ResumePlan | None) -> None:
+        """Load the chosen checkpoint into the engine; a resumed run's metrics file drops
+        the records of steps it will train again."""
+        self.checkpointer.engine = self.engine
+        if self.checkpointer.resume(choice, plan) is not None:
             self._metrics_log.drop_after(self.state.step)
 
     # --- the loop's helpers --------------------------------------------------------------
@@ -841,6 +862,10 @@ class TrainerLoop:
         if self._metrics_log is not None:
             self._metrics_log.close()
         runtime.teardown(self.engine, destroy_process_group=self._owns_process_group, barrier=clean)
+        # Only now: a launcher forwards SIGTERM again while the ranks save and export, and
+        # that must not kill them half-way (the handler ignores a repeated SIGTERM).
+        if self.checkpointer is not None:
+            self.checkpointer.remove_signal_handlers()
 
 
 def fp16_support_problems(config: Mapping[str, Any]) -> list[str]:

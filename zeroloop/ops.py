@@ -14,12 +14,20 @@ machine and the README's first step:
   on a CPU, a CUDA one on a GPU) unless ``"torch_adam": true`` picks torch's own AdamW,
   which needs no build (the bundled job's config does). When a build is due,
   :func:`announce_builds` says so on rank 0 before ``deepspeed.initialize`` starts it.
+
+torch marks a build in progress with a ``lock`` file in the op's build folder, and every
+other process that loads the op waits, with no time limit, until the file is gone. A process
+killed during a build or a load (SIGKILL, the OOM killer, a job's time limit) leaves the file
+behind, and every later DeepSpeed run on the machine hangs in ``init_distributed`` or
+``initialize`` without a word. :func:`clear_stale_build_locks` removes such files first.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,3 +111,72 @@ def announce_builds(config: Mapping[str, Any], rank: int) -> str | None:
         message += ". \"torch_adam\": true in optimizer.params uses torch's AdamW instead, with no build"
     log.info(message)
     return message
+
+
+def clear_stale_build_locks(extensions_dir: str | None = None, recheck_s: float = 1.0) -> list[str]:
+    """Remove the op-build ``lock`` files that no process on this machine holds any more.
+
+    torch's ``FileBaton`` keeps its lock file open from creating it to removing it, so a lock
+    that no process has open is left over from a killed one. It is removed only when no
+    process had it open at two looks ``recheck_s`` apart, which also lets a holder finish
+    removing its own. Call it on one process per machine (local rank 0) before the process
+    group starts. Linux only (reads ``/proc``); it does nothing elsewhere. Holders on other
+    machines are invisible: keep ``TORCH_EXTENSIONS_DIR`` node-local when home folders are shared.
+
+    Args:
+        extensions_dir: the ``TORCH_EXTENSIONS_DIR`` the ranks will use; None for this
+            process's (torch's default when unset).
+        recheck_s: seconds between the two looks.
+
+    Returns:
+        The lock files removed; each is logged as a warning.
+    """
+    if not os.path.isdir("/proc/self/fd"):
+        return []
+    candidates = [lock for lock in _build_locks(extensions_dir) if not _held_open(lock)]
+    if not candidates:
+        return []
+    time.sleep(recheck_s)
+    removed = []
+    for lock in candidates:
+        if os.path.exists(lock) and not _held_open(lock):
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                continue
+            log.warning(f"removed {lock}: a C++ op build lock left by a process that was killed while "
+                        "building or loading the op; with it, this run would have waited forever")
+            removed.append(lock)
+    return removed
+
+
+def _extensions_root() -> str:
+    """The folder torch JIT-builds C++ ops under, as ``torch.utils.cpp_extension`` names it."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return os.path.dirname(_get_build_directory(SHM_COMM_OP, verbose=False))
+
+
+def _build_locks(extensions_dir: str | None) -> list[str]:
+    try:
+        root = extensions_dir or _extensions_root()
+    except Exception:  # noqa: BLE001 - no cache folder: nothing to clear
+        return []
+    return sorted(glob.glob(os.path.join(glob.escape(root), "*", "lock")))
+
+
+def _held_open(path: str) -> bool:
+    """Whether any process this one may inspect has ``path`` open (``/proc/*/fd``)."""
+    target = os.path.realpath(path)
+    for fd_folder in glob.glob("/proc/[0-9]*/fd"):
+        try:
+            fds = os.listdir(fd_folder)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(os.path.join(fd_folder, fd)) == target:
+                    return True
+            except OSError:
+                continue
+    return False

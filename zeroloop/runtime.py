@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+from .launcher import watch_launcher
+
 log = logging.getLogger("zeroloop")
 if not log.handlers:  # visible by default, like DeepSpeed's own logger; silence with setLevel
     _handler = logging.StreamHandler()
@@ -69,9 +71,11 @@ def init_distributed() -> bool:
     """Start the process group the way ``TrainerLoop`` does, for scripts that want to keep it.
 
     Fills in the rank variables of a plain ``python`` run, splits the CPU threads between
-    local ranks, registers the exit pause and calls ``deepspeed.init_distributed()``. A
-    loop started afterwards reuses the group and leaves it up; end it with
-    :func:`teardown` (``engine=None``).
+    local ranks, registers the exit pause, calls ``deepspeed.init_distributed()``, unlinks
+    this rank's /dev/shm buffer (:func:`release_shm_buffer`), so that no failure later in
+    the run can leave it behind, and starts watching the launcher
+    (:func:`zeroloop.launcher.watch_launcher`), so that no rank outlives it. A loop started
+    afterwards reuses the group and leaves it up; end it with :func:`teardown` (``engine=None``).
 
     Returns:
         True if this call started the group, False if it already existed.
@@ -79,15 +83,19 @@ def init_distributed() -> bool:
     import deepspeed
     import deepspeed.comm as dist
 
-    from .ops import skip_unused_builds
+    from .ops import clear_stale_build_locks, skip_unused_builds
 
     ensure_rank_env()
     set_cpu_threads()
     register_exit_pause()
     cache_cpu_info()
     started = not dist.is_initialized()
+    if started and local_rank() == 0:
+        clear_stale_build_locks()  # else a lock left by a killed build makes the ops' loads wait forever
     skip_unused_builds()  # the CPU shm all-reduce op: a minute of compiling that training never uses
     deepspeed.init_distributed()
+    release_shm_buffer()
+    watch_launcher()
     return started
 
 
@@ -112,6 +120,11 @@ def rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    """This rank's index on its machine (set by every launcher)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def local_world_size() -> int:
@@ -179,6 +192,24 @@ def unlink_own_shm_buffer() -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's /dev/shm buffer as soon as every peer has mapped it. Collective
+    when there is a buffer (every rank of the run has one, or none does).
+
+    DeepSpeed's comm op creates the buffer in ``deepspeed.init_distributed()`` and maps
+    every peer's before that call returns, so after a barrier every mapping exists and the
+    names can go. Doing it here, before the config is checked and before
+    ``deepspeed.initialize``, means an error at any later point (a bad config, a client
+    optimizer that raises, a missing monitor package, a failed resume) leaves nothing behind.
+    """
+    import deepspeed.comm as dist
+
+    if own_shm_buffer() is None or not dist.is_initialized():
+        return
+    dist.barrier()
+    unlink_own_shm_buffer()
 
 
 _exit_pause_registered = False

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .ops import clear_stale_build_locks
 from .runtime import SHM_PREFIX, available_cores, free_port, log
 
 RANK_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
@@ -185,6 +186,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
     env = dict(env or {})
     port = int(env.pop("MASTER_PORT", 0)) or free_port()
     threads = max(1, available_cores() // world_size)
+    extensions_dir = {**placement.rank_env(), **env}.get("TORCH_EXTENSIONS_DIR")
+    clear_stale_build_locks(extensions_dir)  # ranks that call deepspeed.init_distributed themselves would wait forever
     conns, procs = [], []
     try:
         for rank in range(world_size):

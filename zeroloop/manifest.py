@@ -1,0 +1,196 @@
+"""A checkpoint's manifest: reading and checking it, and finding the checkpoint to resume.
+
+Pure file-system functions, no DeepSpeed: rank 0 runs them before anything is loaded.
+A tag folder is a complete checkpoint only when its ``zeroloop_manifest.json`` exists and
+every file it lists is there with the listed size (see :mod:`zeroloop.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from .state import TrainState
+
+log = logging.getLogger("zeroloop")
+
+FORMAT = "zeroloop-checkpoint/2"
+FORMAT_1 = "zeroloop-checkpoint/1"  # before TrainState: a per-rank count of micro-batches
+MANIFEST = "zeroloop_manifest.json"
+LATEST = "latest"  # DeepSpeed's name: load_checkpoint(tag=None) reads it too
+TMP_SUFFIX = ".tmp"  # a tag folder still being written; never loaded
+DELETING_SUFFIX = ".deleting"  # an old checkpoint on its way out; never loaded
+REQUIRED_KEYS = ("files", "global_step", "train_state", "world_size", "zero_stage", "micro_batch_size",
+                 "gradient_accumulation_steps", "total_steps", "sampler_seed")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be saved or resumed from; the message names the file and the fix."""
+
+
+# --- finding and checking checkpoints (pure file-system functions, no DeepSpeed) ------------------
+
+
+def read_manifest(tag_dir: str) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, after checking every file it lists.
+
+    Args:
+        tag_dir: a checkpoint's tag folder.
+
+    Returns:
+        The manifest (see :meth:`Checkpointer._manifest` for its keys).
+
+    Raises:
+        CheckpointError: the folder or its manifest is missing (an interrupted save, or a
+            checkpoint not written by zeroloop), the manifest is not valid JSON, or a file it
+            lists is missing or has another size (deleted or truncated).
+    """
+    manifest_path = os.path.join(tag_dir, MANIFEST)
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"checkpoint folder {tag_dir} does not exist")
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{tag_dir} is not a complete zeroloop checkpoint: {MANIFEST} is missing "
+                              "(its save was interrupted, or it was not written by zeroloop)")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e}); this checkpoint is damaged, "
+                              "resume from another one") from None
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT_1:
+        manifest = upgrade_format_1(manifest)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest (format "
+                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{manifest_path}: the manifest lacks {', '.join(missing)}; this checkpoint is "
+                              "damaged, resume from another one")
+    for name, size in manifest["files"].items():
+        path = os.path.join(tag_dir, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing (the manifest lists it); this checkpoint is damaged, "
+                                  "resume from another one")
+        actual = os.path.getsize(path)
+        if actual != size:
+            raise CheckpointError(f"{path} is {actual} bytes, the manifest says {size} (truncated or "
+                                  "overwritten); this checkpoint is damaged, resume from another one")
+    return manifest
+
+
+def upgrade_format_1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 manifest (a per-rank count of micro-batches into the epoch) in today's terms."""
+    upgraded = dict(manifest, format=FORMAT)
+    try:
+        upgraded["train_state"] = TrainState(
+            step=manifest["global_step"], epoch=manifest["epoch"],
+            epoch_samples=manifest["batches_in_epoch"] * manifest["micro_batch_size"] * manifest["world_size"],
+        ).state_dict()
+    except KeyError:
+        pass  # reported as a missing key by read_manifest
+    return upgraded
+
+
+def list_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """``(global_step, tag folder)`` of every complete checkpoint in ``folder``, oldest first.
+
+    Folders that fail :func:`read_manifest` are left out (with a debug log line).
+    """
+    from .universal import UNIVERSAL_SUFFIX
+
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not os.path.isdir(path) or name.endswith((TMP_SUFFIX, DELETING_SUFFIX, UNIVERSAL_SUFFIX)):
+            continue
+        try:
+            found.append((int(read_manifest(path)["global_step"]), path))
+        except CheckpointError as e:
+            log.debug("not a complete checkpoint: %s", e)
+    return sorted(found)
+
+
+def find_checkpoint(resume: str | os.PathLike | None, folder: str) -> str | None:
+    """The tag folder to resume from, or None to start fresh.
+
+    Args:
+        resume: ``"latest"``, a path (a tag folder, a folder holding ``latest``, or a
+            universal checkpoint written by DeepSpeed's ``ds_to_universal``), or None.
+        folder: the run's checkpoint folder (used by ``"latest"``).
+
+    Returns:
+        A tag folder whose manifest and files check out, or None (``resume`` is None, or
+        ``"latest"`` and ``folder`` holds no checkpoint at all).
+
+    Raises:
+        CheckpointError: a ``resume`` path that does not exist or is incomplete; a
+            ``latest`` whose checkpoint is damaged when no other complete one exists.
+    """
+    if resume is None:
+        return None
+    if os.fspath(resume) == "latest":
+        return _newest_complete(folder, explicit=False)
+    path = os.path.abspath(os.fspath(resume))
+    if not os.path.exists(path):
+        raise CheckpointError(f"resume={os.fspath(resume)!r}: no such file or folder; pass the tag folder of a "
+                              f"checkpoint (e.g. {os.path.join(folder, 'global_step100')}), resume=\"latest\" for "
+                              "the newest one in the run's checkpoint folder, or resume=None to start fresh")
+    if os.path.isfile(os.path.join(path, LATEST)) and not os.path.isfile(os.path.join(path, MANIFEST)):
+        return _newest_complete(path, explicit=True)
+    read_checkpoint(path)
+    return path
+
+
+def read_checkpoint(tag_dir: str) -> dict[str, Any]:
+    """The manifest of a checkpoint to resume from: zeroloop's (:func:`read_manifest`), or,
+    for a universal checkpoint written by DeepSpeed's ``ds_to_universal``, one made from
+    its model-states file (:func:`zeroloop.universal.deepspeed_universal_manifest`).
+
+    Raises:
+        CheckpointError: as :func:`read_manifest`.
+    """
+    from .universal import deepspeed_universal_manifest, is_deepspeed_universal
+
+    if not os.path.isfile(os.path.join(tag_dir, MANIFEST)) and is_deepspeed_universal(tag_dir):
+        return deepspeed_universal_manifest(tag_dir)
+    return read_manifest(tag_dir)
+
+
+def _newest_complete(folder: str, explicit: bool) -> str | None:
+    """What ``latest`` names when complete; otherwise the newest complete checkpoint, with a warning."""
+    latest_path = os.path.join(folder, LATEST)
+    complete = list_checkpoints(folder)
+    if not os.path.isfile(latest_path):
+        if complete:
+            log.warning("%s is missing; resuming from the newest complete checkpoint, %s", latest_path,
+                        complete[-1][1])
+            return complete[-1][1]
+        if explicit:
+            raise CheckpointError(f"{folder} holds no complete checkpoint")
+        return None
+    with open(latest_path, encoding="utf-8") as f:
+        tag = f.read().strip()
+    try:
+        return _checked(os.path.join(folder, tag), latest_path)
+    except CheckpointError as problem:
+        if not complete:
+            raise CheckpointError(f"{latest_path} names {tag!r}, which cannot be resumed from: {problem}. "
+                                  f"No other complete checkpoint is in {folder}; pass resume=None to start "
+                                  "fresh") from None
+        log.warning("%s names %r, which cannot be resumed from (%s); resuming from the newest complete "
+                    "checkpoint, %s", latest_path, tag, problem, complete[-1][1])
+        return complete[-1][1]
+
+
+def _checked(tag_dir: str, named_by: str) -> str:
+    if not tag_dir or not os.path.isdir(tag_dir):
+        raise CheckpointError(f"the tag folder {tag_dir} named by {named_by} does not exist")
+    read_manifest(tag_dir)
+    return tag_dir
+
+
+__all__ = ["CheckpointError", "find_checkpoint", "list_checkpoints", "read_checkpoint", "read_manifest"]
