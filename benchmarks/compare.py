@@ -194,12 +194,12 @@ PATCHES["lightning"] = (
     "'NoneType' and 'int'\"), so the subclass's root_device is torch.device('cpu', local_rank)")
 
 
-def run_lightning(rank, micro, steps, out_dir):
-    import lightning as L
+def cpu_deepspeed_strategy(config: dict):
+    """Lightning's DeepSpeedStrategy, made to start on CPU ranks (see PATCHES)."""
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
     class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        def setup_environment(self):  # the CUDA-only check skipped (see PATCHES)
+        def setup_environment(self):  # the CUDA-only check skipped
             DDPStrategy.setup_environment(self)
 
         def setup_distributed(self):  # the same, without the GPU device-index check
@@ -212,6 +212,12 @@ def run_lightning(rank, micro, steps, out_dir):
         @property
         def root_device(self):  # an index, which DeepSpeed reads as the device rank
             return torch.device("cpu", self.local_rank)
+
+    return CPUDeepSpeedStrategy(config=config)
+
+
+def run_lightning(rank, micro, steps, out_dir):
+    import lightning as L
 
     class Module(L.LightningModule):
         def __init__(self):
@@ -237,7 +243,7 @@ def run_lightning(rank, micro, steps, out_dir):
                                                                           "train_batch_size")}
     timer = StepTimes()
     loader = torch.utils.data.DataLoader(TokenDataset(micro * 2 * steps), batch_size=micro)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(config=config),
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=cpu_deepspeed_strategy(config),
                         max_steps=steps, callbacks=[timer], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir)
     trainer.fit(Module(), loader)

@@ -6,7 +6,9 @@ import pytest
 # DeepSpeed JIT-builds the C++ ops some tests use (CPU FusedAdam) into torch's cache:
 # TORCH_EXTENSIONS_DIR when set, else ~/.cache/torch_extensions, the cache every other run
 # on the machine (the README's main job included) uses too, so nothing is built twice.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# No DS_ACCELERATOR here: the suite runs on DeepSpeed's own choice (the GPU when there is
+# one); multi-rank tests run CPU ranks with gloo when there are fewer GPUs than ranks
+# (zeroloop.testing.choose_rank_device). DS_ACCELERATOR=cpu keeps everything on the CPU.
 
 
 @pytest.fixture(autouse=True)

@@ -157,18 +157,22 @@ def assert_same_step(got, expected):
 
 
 def test_reentrant_pitfall_is_real_and_the_deepspeed_backend_avoids_it():
-    x, y = torch.randn(4, DIM), torch.randn(4, 1)  # x does not require grad
-    reference = BlockNet(dropout=0.2)
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed's checkpoint replays the accelerator's RNG: dropout must draw from it.
+    device = torch.device(get_accelerator().current_device_name())
+    x, y = torch.randn(4, DIM, device=device), torch.randn(4, 1, device=device)  # x does not require grad
+    reference = BlockNet(dropout=0.2).to(device)
     loss_ref, grads_ref = block_grads(reference, x, y)
 
     # The pitfall: DeepSpeed's reentrant checkpoint on a block whose input needs no grad.
-    raw = BlockNet(dropout=0.2)
+    raw = BlockNet(dropout=0.2).to(device)
     first = raw.blocks[0]
     first.forward = lambda t, f=type(first).forward.__get__(first): deepspeed.checkpointing.checkpoint(f, t)
     _, grads_raw = block_grads(raw, x, y)
     assert "blocks.0.fc.weight" not in grads_raw  # block 0 silently learns nothing
 
-    model = BlockNet(dropout=0.2)
+    model = BlockNet(dropout=0.2).to(device)
     with single_process():
         deepspeed.init_distributed()
         with apply(model, ActivationCheckpointing(backend="deepspeed"), None) as handle:

@@ -120,7 +120,8 @@ def test_api_reference_covers_the_public_api():
     missing = [f"zeroloop.{n}" for n in zeroloop.__all__ if f"zeroloop.{n}" not in documented]
     public_testing = ("run_ranks", "RankFailure", "RankTimeout", "single_process", "fp16_on_cpu",
                       "tiny_config", "full_parameters", "engine_loop", "EngineLoopResult",
-                      "assert_matches_engine_loop", "remove_shm_buffers")
+                      "assert_matches_engine_loop", "remove_shm_buffers", "choose_rank_device", "RankDevice",
+                      "RankResults")
     missing += [f"zeroloop.testing.{n}" for n in public_testing if f"zeroloop.testing.{n}" not in documented]
     assert not missing, f"public names missing from docs/api.md: {missing}"
 

@@ -19,7 +19,7 @@ from zeroloop import consolidate
 from zeroloop.consolidate import load_state_dict
 from zeroloop.checkpoint import LATEST, MANIFEST, rank_file, read_manifest
 from zeroloop.runtime import available_cores, free_port
-from zeroloop.testing import remove_shm_buffers
+from zeroloop.testing import choose_rank_device, remove_shm_buffers
 
 pytestmark = pytest.mark.launcher
 SCRIPT = Path(__file__).parent / "scripts" / "tiny_train.py"
@@ -35,9 +35,12 @@ def launcher(name):
     return found
 
 
-def launcher_env():
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                             "MASTER_ADDR", "OMP_NUM_THREADS")}
+def launcher_env(world_size=2):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                            "MASTER_ADDR", "OMP_NUM_THREADS")}
+    # The launchers start one rank per GPU; with fewer GPUs than ranks, CPU ranks (as run_ranks).
+    env.update(choose_rank_device(world_size).rank_env())
+    return env
 
 
 def shm_buffers_of(port):
@@ -45,8 +48,8 @@ def shm_buffers_of(port):
     return [p for p in os.listdir("/dev/shm") if p.endswith(f"_{port}_0") or p.endswith(f"_{port}_1")]
 
 
-def run(command, port):
-    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=launcher_env())
+def run(command, port, world_size=1):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=launcher_env(world_size))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "terminate called" not in output and "Traceback" not in output, output[-4000:]
@@ -68,10 +71,10 @@ def test_deepspeed_and_torchrun_give_the_same_two_rank_run(tmp_path):
     port = free_port()
     ds_out, tr_out = tmp_path / "deepspeed", tmp_path / "torchrun"
     output = run([launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(SCRIPT),
-                  "--out", str(ds_out)], port)
+                  "--out", str(ds_out)], port, world_size=2)
     port2 = free_port()
     run([launcher("torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-         str(port2), str(SCRIPT), "--out", str(tr_out)], port2)
+         str(port2), str(SCRIPT), "--out", str(tr_out)], port2, world_size=2)
     ds, tr = reports(ds_out, 2), reports(tr_out, 2)
     assert all(r["world_size"] == 2 for r in ds + tr)
     assert ds[0]["losses"] == ds[1]["losses"] == tr[0]["losses"] == tr[1]["losses"]
@@ -92,7 +95,8 @@ def test_main_job_under_deepspeed(tmp_path):
     # -q as in the README: the launcher's own INFO lines (about 10) stay out.
     output = run([launcher("deepspeed"), "-q", "--num_gpus", "2", "--master_port", str(port), "--module", "zeroloop",
                   "train", "--steps", "6", "--max-bytes", "200000", "--seq-len", "64", "--log-every", "2",
-                  "--eval-every", "3", "--warmup", "2", "--save-every", "3", "--output-dir", str(out)], port)
+                  "--eval-every", "3", "--warmup", "2", "--save-every", "3", "--output-dir", str(out)], port,
+                 world_size=2)
     (report_line,) = [line for line in output.splitlines() if line.startswith('{"steps"')]  # rank 0 only
     report = json.loads(report_line)
     assert report["steps"] == 6 and report["final_loss"] < report["first_logged_loss"]

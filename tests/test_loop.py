@@ -137,9 +137,9 @@ def test_eval_loss_is_the_sample_weighted_mean(tmp_path):
     loop, summary = train_one_rank(make_model(), train_data=RegressionData(), eval_data=eval_data,
                                    output_dir=tmp_path, max_steps=1)
     # Recompute with the trained weights, outside the loop: a 10-sample set in batches of 2.
-    model = loop.engine.module
+    model, device = loop.engine.module, loop.engine.device
     with torch.no_grad():
-        expected = nn.functional.mse_loss(model.net(eval_data.x), eval_data.y).item()
+        expected = nn.functional.mse_loss(model.net(eval_data.x.to(device)), eval_data.y.to(device)).item()
     assert summary.eval_loss == pytest.approx(expected, rel=1e-6)
 
 

@@ -185,7 +185,11 @@ def test_non_finite_loss_is_skipped_on_every_rank_in_step(precision, stage):
         assert torch.equal(weights[0][name], weights[1][name])
 
 
-def test_fp16_on_a_device_that_refuses_it_is_a_config_error(tmp_path):
+def test_fp16_on_a_device_that_refuses_it_is_a_config_error(tmp_path, monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    # A device without fp16, whichever this machine has (a CPU refuses it; a GPU would not).
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
     loop = TrainerLoop(make_model(), tiny_config(precision="fp16"), train_data=RegressionData(),
                        output_dir=tmp_path, max_steps=1)
     with single_process(), pytest.raises(ConfigError, match="fp16.enabled: this device .* does not support fp16"):

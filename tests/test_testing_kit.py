@@ -6,10 +6,12 @@ import time
 
 import psutil
 import pytest
+import torch
 
+import zeroloop.testing
 from zeroloop.runtime import available_cores, free_port
-from zeroloop.testing import (RankFailure, RankTimeout, fp16_on_cpu, remove_shm_buffers, run_ranks, single_process,
-                              tiny_config)
+from zeroloop.testing import (RankDevice, RankFailure, RankTimeout, choose_rank_device, fp16_on_cpu,
+                              remove_shm_buffers, run_ranks, single_process, tiny_config)
 
 pytestmark = pytest.mark.multirank
 
@@ -79,6 +81,65 @@ def test_a_hanging_rank_is_killed_at_the_timeout_and_cleaned_up():
     assert children_of_this_process() == []
     assert not [f for f in os.listdir("/dev/shm") if f"_{port}_" in f]
     assert port_is_free(port)
+
+
+def reports_its_device(rank):
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed()
+    return (get_accelerator().device_name(), dist.get_backend(), torch.cuda.is_available(),
+            os.environ["DS_ACCELERATOR"])
+
+
+@pytest.mark.parametrize("gpus, accelerator, device, kind, reason", [
+    (0, None, None, "cpu", "no GPU"),
+    (1, None, None, "cpu", "1 GPU for 2 ranks; device='cuda' needs 2"),
+    (1, "cuda", None, "cpu", "1 GPU for 2 ranks"),
+    (2, None, None, "cuda", "2 GPUs for 2 ranks"),
+    (4, "cpu", None, "cpu", "DS_ACCELERATOR=cpu"),
+    (4, None, "cpu", "cpu", "device='cpu' was asked for"),
+    (2, "cpu", "cuda", "cuda", "device='cuda' was asked for"),
+])
+def test_the_kit_chooses_gpus_only_when_there_is_one_per_rank(monkeypatch, gpus, accelerator, device, kind, reason):
+    monkeypatch.setattr(zeroloop.testing, "visible_gpus", lambda: gpus)
+    if accelerator is None:
+        monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    else:
+        monkeypatch.setenv("DS_ACCELERATOR", accelerator)
+    chosen = choose_rank_device(2, device)
+    assert chosen.kind == kind and reason in chosen.reason
+
+
+def test_the_kit_refuses_a_device_it_cannot_give(monkeypatch):
+    monkeypatch.setattr(zeroloop.testing, "visible_gpus", lambda: 1)
+    with pytest.raises(ValueError, match="2 ranks need 2 GPUs, this process sees 1; use device='cpu'"):
+        choose_rank_device(2, "cuda")
+    with pytest.raises(ValueError, match="device: must be one of cpu, cuda"):
+        choose_rank_device(2, "tpu")
+    assert RankDevice("cpu", "").rank_env() == {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    assert RankDevice("cuda", "", gpus=2).rank_env() == {"DS_ACCELERATOR": "cuda"}
+
+
+def test_cpu_ranks_beside_gpus_build_deepspeed_ops_in_their_own_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert RankDevice("cpu", "", gpus=1).rank_env()["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "cpu-ranks")
+    assert "TORCH_EXTENSIONS_DIR" not in RankDevice("cpu", "", gpus=0).rank_env()
+
+
+def test_one_gpu_and_two_ranks_run_as_cpu_ranks_with_gloo(monkeypatch, caplog):
+    """Faked at the point where the kit decides: this process 'sees' one GPU and
+    DS_ACCELERATOR=cuda. Ranks that inherited cuda would fail to start (no GPU for rank 1,
+    no CUDA at all on a CPU machine)."""
+    monkeypatch.setattr(zeroloop.testing, "visible_gpus", lambda: 1)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    with caplog.at_level("INFO", logger="zeroloop"):
+        results = run_ranks(reports_its_device, 2)
+    assert results == [("cpu", "gloo", False, "cpu")] * 2
+    assert results.device == RankDevice("cpu", "1 GPU for 2 ranks; device='cuda' needs 2", gpus=1)
+    assert "run_ranks: 2 CPU ranks (1 GPU for 2 ranks" in caplog.text
+    assert os.environ["DS_ACCELERATOR"] == "cuda"  # the parent's environment is left as it was
 
 
 def test_single_process_restores_the_environment():

@@ -97,8 +97,10 @@ def add_plan_command(commands) -> None:
     p.add_argument("--nodes", type=int, default=1, help="nodes (default %(default)s)")
     p.add_argument("--gpu-memory", default=None, help="memory per device, e.g. 24GB or 80GiB")
     p.add_argument("--host-memory", default=None, help="host RAM per node, e.g. 512GB (default: unchecked)")
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="default: the --config's, else bf16")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16", "autocast"),
+                   help="bf16/fp16: 16-bit weights and an fp32 master (DeepSpeed's bf16/fp16 modes); "
+                        "autocast: fp32 weights and gradients, 16-bit compute (DeepSpeed's torch_autocast); "
+                        "default: the --config's, else bf16")
     p.add_argument("--optimizer", default="adam",
                    help="adam, adamw, lamb, adagrad, lion, sgd, sgd-nomomentum, or K in bytes per parameter "
                         "(default %(default)s)")

@@ -259,8 +259,8 @@ def check_batch_types(cfg: Mapping) -> list[str]:
 
 
 def check_sections_are_objects(cfg: Mapping) -> list[str]:
-    sections = ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler", "activation_checkpointing",
-                "compile", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger")
+    sections = ("fp16", "bf16", "torch_autocast", "zero_optimization", "optimizer", "scheduler",
+                "activation_checkpointing", "compile", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger")
     return [f"{key}: must be a JSON object, got {type(cfg[key]).__name__}"
             for key in sections if key in cfg and not isinstance(cfg[key], Mapping)]
 
@@ -274,7 +274,17 @@ def check_precision(cfg: Mapping) -> list[str]:
     if cfg.get("fp16", {}).get("enabled") is True and cfg.get("bf16", {}).get("enabled") is True:
         problems.append("fp16.enabled and bf16.enabled are both true: enable one of them "
                         "(bf16 needs no loss scaling; prefer it where the hardware has it)")
+    if autocast_on(cfg):
+        problems += [f"{key}.enabled and torch_autocast.enabled are both true: DeepSpeed's autocast keeps fp32 "
+                     f"weights, its {key} mode {key} weights; enable one of them" for key in ("fp16", "bf16")
+                     if cfg.get(key, {}).get("enabled") is True]
     return problems
+
+
+def autocast_on(cfg: Mapping) -> bool:
+    """DeepSpeed's torch_autocast is enabled: fp32 weights, the 16-bit compute by autocast."""
+    section = cfg.get("torch_autocast")
+    return isinstance(section, Mapping) and section.get("enabled") is True
 
 
 FP16_KEYS = frozenset({"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window",
@@ -387,9 +397,10 @@ def resolve_precision(cfg: dict, hp: Hyperparameters) -> list[str]:
     if precision not in PRECISIONS:
         return [f"precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}"]
     for key in ("fp16", "bf16"):
+        # Under the config's own torch_autocast the 16-bit compute is autocast's: no fp16/bf16 mode.
         if key in cfg and cfg[key].get("enabled") == AUTO:
-            cfg[key]["enabled"] = precision == key
-        elif key not in cfg and hp.precision == key:
+            cfg[key]["enabled"] = precision == key and not autocast_on(cfg)
+        elif key not in cfg and hp.precision == key and not autocast_on(cfg):
             cfg[key] = {"enabled": True}
     return []
 

@@ -36,6 +36,7 @@ GPT_SIZES = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128),      # ~0.8M
     "small": dict(n_layer=6, n_head=6, n_embd=384),     # ~10.8M
     "medium": dict(n_layer=12, n_head=12, n_embd=768),  # ~85M (GPT-2 small's body)
+    "large": dict(n_layer=24, n_head=18, n_embd=1152),  # ~383M (head size 64)
 }
 
 

@@ -24,7 +24,9 @@ from torch import nn
 from . import arguments, runtime
 from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
+from .autocast import Bf16Choice, choose_for_run, left_to_zeroloop, with_mode
 from .checkpoint import CheckpointError, Checkpointer, CheckpointSettings, RunFacts
+from .compiling import compile_engine, compile_requested, run_problems, setting_problems
 from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import RankBatches, count_rows, count_tokens, loader_batch_size, move_to_device, rank_batches
 from .launcher import shield_loader_workers
@@ -157,6 +159,10 @@ class TrainerLoop:
         weight_decay_groups: give biases and normalization weights no weight decay (two
             optimizer groups, see :meth:`parameter_groups`); False: one group, as a
             hand-written ``deepspeed.initialize(model_parameters=model.parameters())``.
+        compile: ``torch.compile`` the model through ``engine.compile()`` (in place, so
+            parameter names stay clean): True, a dict of options (``backend``, ``mode``,
+            ``fullgraph``, ``dynamic``, ``options``), False, or None to compile exactly
+            when the config has a ``"compile"`` section (see :mod:`zeroloop.compiling`).
 
     The process group: if it is not initialized when :meth:`setup` runs, the loop starts
     it and :meth:`train` destroys it at the end (every rank then exits cleanly). Start it
@@ -185,6 +191,7 @@ class TrainerLoop:
         checkpoint: CheckpointSettings | None = None,
         activation_checkpointing: ActivationCheckpointing | None = None,
         weight_decay_groups: bool = False,
+        compile: bool | Mapping[str, Any] | None = None,
     ):
         self.model = model
         self.config = config
@@ -206,6 +213,7 @@ class TrainerLoop:
         self.checkpointer: Checkpointer | None = None  # built by setup() when checkpoint is given
         self.activation_checkpointing = activation_checkpointing
         self.activation_handle = None  # removes the activation checkpointing setup() applied
+        self.compile = compile
         self.weight_decay_groups = weight_decay_groups
 
         self.engine = None  # the DeepSpeedEngine, once setup() has run
@@ -220,6 +228,7 @@ class TrainerLoop:
         self._metrics_log: MetricsLog | None = None
         self._scale_monitor: LossScaleMonitor | None = None
         self._nonfinite: NonFiniteGuard | None = None
+        self.bf16_choice: Bf16Choice | None = None  # set by setup() when bf16 was left to zeroloop
         self._custom_metrics = CustomMetrics()
         self._monitor: MonitorFeed | None = None
         self._unsynced_tokens = 0  # this rank's tokens not yet added to state.tokens
@@ -486,11 +495,11 @@ class TrainerLoop:
 
         Order: check arguments; prepare the process (rank variables, CPU threads, seeds,
         process group); with ``checkpoint=``, pick the checkpoint to resume; resolve the
-        config (keeping that checkpoint's global batch) and build this rank's training and
-        evaluation batches; compare the checkpoint with this run (refusing what cannot
-        change); write the resolved config; memory pre-flight; activation checkpointing;
-        ``deepspeed.initialize``; release the /dev/shm buffer's name; health checks;
-        metrics file; resume from the checkpoint.
+        config (keeping that checkpoint's global batch, and picking the bf16 mode) and build
+        this rank's training and evaluation batches; compare the checkpoint with this run
+        (refusing what cannot change); write the resolved config; memory pre-flight;
+        activation checkpointing; ``deepspeed.initialize``; ``engine.compile()`` when asked;
+        health checks; metrics file; resume from the checkpoint.
 
         Returns:
             The ``DeepSpeedEngine`` (also ``self.engine``).
@@ -509,6 +518,8 @@ class TrainerLoop:
         self._check_memory()
         self._apply_activation_checkpointing()
         self.engine = self._build_engine()
+        if compile_requested(self.compile, self.ds_config):
+            compile_engine(self.engine, self.compile)
         self._build_health_checks()
         self._metrics_log = MetricsLog(os.path.join(self.output_dir, self.log.metrics_file),
                                        enabled=self.rank == 0)
@@ -536,6 +547,7 @@ class TrainerLoop:
             peeked, sample = arguments.first_sample(self.train_data)
             problems += arguments.batch_problems(self.model, sample, self.loss_fn) if peeked else []
         problems += self.health.problems()
+        problems += setting_problems(self.compile)
         if problems:
             raise ConfigError(problems, subject="TrainerLoop arguments")
 
@@ -590,9 +602,20 @@ class TrainerLoop:
         except ConfigError as e:
             raise ConfigError(e.problems + problems, source=e.source) from None
         problems += fp16_support_problems(resolved) + missing_package_problems(resolved)
+        problems += run_problems(self.compile, resolved)
         if problems:
             raise ConfigError(problems)
-        return with_output_paths(resolved, self.output_dir)
+        return with_output_paths(self._choose_bf16_mode(raw, resolved), self.output_dir)
+
+    def _choose_bf16_mode(self, raw: dict, resolved: dict) -> dict:
+        """bf16 left to zeroloop ("auto" or the loop's precision): DeepSpeed's torch_autocast
+        or its bf16 mode, by :mod:`zeroloop.autocast`'s rule. An enabled section is kept."""
+        if not left_to_zeroloop(raw, resolved):
+            return resolved
+        self.bf16_choice = choose_for_run(self.model, resolved, self.world_size)
+        if self.rank == 0:
+            log.info("bf16: %s (%s)", self.bf16_choice.mode, self.bf16_choice.reason)
+        return with_mode(resolved, self.bf16_choice.mode)
 
     def _build_batches(self, micro_batch_size: int) -> list[str]:
         """This rank's training and evaluation batches; the problems found, for ConfigError."""

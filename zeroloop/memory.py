@@ -30,12 +30,19 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from .config import DEFAULT_BUCKETS, ConfigError, is_int, is_number, precision_of, resolve_buckets, zero_stage_of
+from .config import (DEFAULT_BUCKETS, ConfigError, autocast_on, is_int, is_number, precision_of, resolve_buckets,
+                     zero_stage_of)
 from .runtime import local_world_size
 
 GB = 10**9
 GiB = 2**30
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Bytes per weight and per gradient. "autocast" is DeepSpeed's torch_autocast mode: fp32
+# weights, gradients and optimizer, the forward in 16-bit (zeroloop.autocast).
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "autocast": 4}
+# Activation bytes against all-16-bit activations. Autocast keeps the residual stream and
+# the norms' inputs in fp32: 48 bytes per token per hidden unit per layer of the bundled
+# GPT against 32 with bf16 weights and 64 in fp32 (saved tensors counted on a CPU).
+ACTIVATION_FACTOR = {"fp32": 2.0, "bf16": 1.0, "fp16": 1.0, "autocast": 1.5}
 # Bytes per trainable parameter of optimizer state, the fp32 master copy excluded
 # (mixed precision adds 4 for it): Adam's momentum and variance are 8.
 OPTIMIZER_STATE_BYTES = {"adam": 8, "adamw": 8, "lamb": 8, "adagrad": 4, "lion": 4,
@@ -143,7 +150,8 @@ class PlanInputs:
         devices_per_node: ranks sharing one host's memory.
         device_memory: bytes per device, or None to price without a fit verdict.
         host_memory: bytes of host RAM per node, or None to leave it unchecked.
-        precision: "fp32", "bf16" or "fp16" (16-bit means mixed precision).
+        precision: "fp32", "bf16", "fp16" (16-bit weights, an fp32 master: mixed precision)
+            or "autocast" (fp32 weights and gradients, 16-bit compute).
         optimizer: the optimizer's name, for display.
         k: optimizer bytes per trainable parameter (the paper's K).
         buckets: the communication buffer sizes.
@@ -180,7 +188,14 @@ class PlanInputs:
 
     @property
     def mixed(self) -> bool:
-        return self.precision != "fp32"
+        """16-bit weights with a separate fp32 master copy (DeepSpeed's bf16/fp16 modes)."""
+        return self.precision in ("bf16", "fp16")
+
+    @property
+    def bucket_bytes(self) -> int:
+        """Bytes per element of the ZeRO reduce buckets. Autocast keeps one per gradient
+        dtype: bf16 for Linear/Conv weights, fp32 for the rest (DeepSpeed 0.19)."""
+        return PRECISION_BYTES["bf16"] + PRECISION_BYTES["fp32"] if self.precision == "autocast" else self.param_bytes
 
 
 # --- results --------------------------------------------------------------------------------
@@ -369,7 +384,8 @@ def plan(
         devices_per_node: ranks per node (default: all on one node).
         device_memory: per device, bytes or a size such as ``"24GB"`` / ``"80GiB"``.
         host_memory: host RAM per node, bytes or a size; None leaves it unchecked.
-        precision: "fp32", "bf16" or "fp16"; default: the config's, else bf16.
+        precision: "fp32", "bf16", "fp16" or "autocast" (DeepSpeed's torch_autocast: fp32
+            weights and gradients); default: the config's, else bf16.
         optimizer: "adam", "adamw", "lamb", "adagrad", "lion", "sgd", "sgd-nomomentum",
             or the paper's K itself (bytes per trainable parameter) as a number.
         micro_batch, seq_len, hidden_size, layers: all four for an activation estimate
@@ -407,7 +423,7 @@ def validate_inputs(args: dict[str, Any]) -> PlanInputs:
     buckets = buckets_from_config(cfg, problems)
     counts = check_counts(args, buckets.param_persistence_threshold, problems)
     world_size, per_node = check_topology(args["world_size"], args["devices_per_node"], problems)
-    precision = args["precision"] or (precision_of(cfg) if args["ds_config"] is not None else "bf16")
+    precision = args["precision"] or (planned_precision(cfg) if args["ds_config"] is not None else "bf16")
     if precision not in PRECISION_BYTES:
         problems.append(f"precision: must be one of {', '.join(PRECISION_BYTES)}, got {precision!r}")
     device_memory = check_size("device_memory", args["device_memory"], problems)
@@ -471,6 +487,12 @@ def buckets_from_config(cfg: Mapping, problems: list[str]) -> Buckets:
             value = int(value)
         values[name] = value
     return Buckets(**values)
+
+
+def planned_precision(cfg: Mapping) -> str:
+    """The planner's precision for a config: ``"autocast"`` under DeepSpeed's torch_autocast,
+    else its fp32/bf16/fp16."""
+    return "autocast" if autocast_on(cfg) else precision_of(cfg)
 
 
 def option_of_config(cfg: Mapping) -> str:
@@ -630,11 +652,12 @@ def parse_count(text: Any) -> Any:
 
 
 def optimizer_k(optimizer: Any, precision: str) -> tuple[str, float]:
-    """The optimizer's name and the paper's K: state bytes, plus the fp32 master in mixed precision."""
+    """The optimizer's name and the paper's K: state bytes, plus the fp32 master in mixed
+    precision (under autocast the weights are the fp32 master)."""
     if is_number(optimizer):
         return f"K={optimizer:g}", float(optimizer)
     name = str(optimizer).lower()
-    master = FP32_MASTER_BYTES if precision != "fp32" else 0
+    master = FP32_MASTER_BYTES if precision in ("bf16", "fp16") else 0
     return name, float(OPTIMIZER_STATE_BYTES[name] + master)
 
 
@@ -655,12 +678,12 @@ def estimate_activations(inputs: PlanInputs) -> tuple[int, int] | None:
 
     Without: 34 * s*b*h per layer (16-bit, fused attention). With: each layer keeps only
     its 16-bit input (2 * s*b*h) and one layer is recomputed whole during backward.
-    fp32 activations take twice the bytes.
+    fp32 activations take twice the bytes, autocast's 1.5 times (:data:`ACTIVATION_FACTOR`).
     """
     if inputs.activations is None:
         return None
     micro, seq, hidden, layers = inputs.activations
-    unit = micro * seq * hidden * inputs.param_bytes // 2
+    unit = int(micro * seq * hidden * ACTIVATION_FACTOR[inputs.precision])
     without = ACTIVATION_UNITS_PER_LAYER * unit * layers
     with_ckpt = CHECKPOINT_UNITS_PER_LAYER * unit * layers + ACTIVATION_UNITS_PER_LAYER * unit
     return without, with_ckpt
@@ -739,7 +762,7 @@ def buffer_bytes(option: Option, inputs: PlanInputs, touched: bool) -> int:
     # `trainable` elements of it; ZeRO-3 keeps it for the run and commits it whole (measured).
     size = min(b.reduce_bucket_size, trainable) if touched and option.stage < 3 else b.reduce_bucket_size
     # ZeRO-1/2 reduce in the gradient dtype; fp32 runs reduce fp32.
-    return b.reduce_buffers(option.stage) * size * inputs.param_bytes
+    return b.reduce_buffers(option.stage) * size * inputs.bucket_bytes
 
 
 def host_bytes(option: Option, inputs: PlanInputs) -> int:
@@ -881,7 +904,7 @@ def bucket_warnings(options: tuple[OptionPlan, ...], inputs: PlanInputs, hidden_
         warnings.append(
             f"{option.option.label}: reduce buckets take {human(option.buffers)} per device "
             f"({inputs.buckets.reduce_buffers(option.option.stage)} x "
-            f"reduce_bucket_size {inputs.buckets.reduce_bucket_size:.3g} x {inputs.param_bytes} B), "
+            f"reduce_bucket_size {inputs.buckets.reduce_bucket_size:.3g} x {inputs.bucket_bytes} B), "
             "more than "
             f"the model states ({human(option.model_states)}); for a model this small set "
             f"zero_optimization.reduce_bucket_size to {suggestion}"

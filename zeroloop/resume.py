@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .autocast import MODE_SECTIONS, TORCH_AUTOCAST, precision_mode
 from .config import (AUTO, ConfigError, Hyperparameters, batch_sizes, precision_of, same_value, validate_structure,
                      zero_stage_of)
 
@@ -46,7 +47,7 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 # fp16 loss-scaler settings re-applied to the loaded scaler: config key -> scaler attribute.
 SCALER_SETTINGS = {"fp16.loss_scale_window": "scale_window", "fp16.hysteresis": "delayed_shift",
                    "fp16.min_loss_scale": "min_scale", "fp16.consecutive_hysteresis": "consecutive_hysteresis"}
-PRECISION_KEYS = ("fp16.enabled", "bf16.enabled", "bfloat16.enabled")
+PRECISION_KEYS = ("fp16.enabled", "bf16.enabled", "bfloat16.enabled", "torch_autocast.enabled")
 REFUSED = {"optimizer.type": "the optimizer's state does not carry over to another optimizer",
            "fp16.loss_scale": "the saved loss scaler (static or dynamic) continues"}
 NEW_RUN = "start a new run instead (another output_dir, or CheckpointSettings(resume=None))"
@@ -164,13 +165,27 @@ def plan_resume(manifest: Mapping[str, Any], ds_config: Mapping[str, Any], world
                                 f"from {saved.world_size} to {run.world_size} ranks")
     if "nvme" in (saved.offload_optimizer, run.offload_optimizer):
         plan.refused.append(NVME_OPTIMIZER)
-    if saved.precision != run.precision:
-        plan.refused.append(f"precision {saved.precision} -> {run.precision}: the loss scaler and the weights' "
-                            f"dtype do not carry over; set it back to {saved.precision}, or {NEW_RUN}")
+    _precision_change(plan, manifest, ds_config)
     _batch_changes(plan, manifest, ds_config, world_size)
     _config_changes(plan, manifest.get("ds_config") or {}, ds_config, fp16=run.precision == "fp16")
     _run_changes(plan, manifest, seed, total_steps, samples_per_epoch)
     return plan
+
+
+def _precision_change(plan: ResumePlan, manifest: Mapping[str, Any], ds_config: Mapping[str, Any]) -> None:
+    """Refuse another precision, or another bf16 mode (DeepSpeed's bf16 mode keeps an fp32
+    master copy in its optimizer, its torch_autocast mode none; neither loads the other's)."""
+    saved_config, run = manifest.get("ds_config") or {}, precision_mode(ds_config)
+    saved = precision_mode(saved_config) if saved_config else plan.saved.precision
+    if saved == run:
+        return
+    if TORCH_AUTOCAST in (saved, run):
+        plan.refused.append(f"saved in {saved} mode, this run's config resolves to {run} mode, and DeepSpeed's "
+                            "optimizer states do not carry over between modes: resume in the saved mode "
+                            f"({MODE_SECTIONS[saved]} in the config pins it)")
+    else:
+        plan.refused.append(f"precision {saved} -> {run}: the loss scaler and the weights' dtype do not carry "
+                            f"over; set it back to {saved}, or {NEW_RUN}")
 
 
 def _batch_changes(plan: ResumePlan, manifest: Mapping[str, Any], ds_config: Mapping[str, Any], world: int) -> None:

@@ -1,7 +1,9 @@
 """The kit for unit-testing a ``TrainerLoop`` (zeroloop's own tests use it too).
 
-- :func:`run_ranks` runs a function on N CPU ranks from pytest, no launcher needed.
-- :func:`single_process` sets up (and restores) the environment of a one-rank run.
+- :func:`run_ranks` runs a function on N ranks from pytest, no launcher needed: one GPU
+  each when there are enough GPUs, else CPU ranks with gloo (:func:`choose_rank_device`).
+- :func:`single_process` sets up (and restores) the environment of a one-rank run, on
+  DeepSpeed's accelerator (the GPU when there is one).
 - :func:`fp16_on_cpu` lets DeepSpeed's fp16 paths run on a CPU (tests only).
 - :func:`tiny_config` returns a small, valid DeepSpeed config.
 - :func:`full_parameters` gathers full parameters, also under ZeRO-3.
@@ -26,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .ops import clear_stale_build_locks
-from .runtime import SHM_PREFIX, available_cores, free_port
+from .runtime import SHM_PREFIX, available_cores, free_port, log
 
 RANK_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "OMP_NUM_THREADS")
@@ -54,14 +56,108 @@ class RankTimeout(RankFailure):
     """One or more ranks did not finish within the timeout and were killed."""
 
 
+@dataclass(frozen=True)
+class RankDevice:
+    """Where :func:`run_ranks` puts its ranks, and why.
+
+    Attributes:
+        kind: ``"cuda"`` (one GPU per rank, NCCL) or ``"cpu"`` (gloo).
+        reason: one line saying why, e.g. "1 GPU for 2 ranks".
+        gpus: the GPUs the calling process sees.
+    """
+
+    kind: str
+    reason: str
+    gpus: int = 0
+
+    def rank_env(self) -> dict[str, str]:
+        """The variables each rank gets so that DeepSpeed picks this device.
+
+        CPU ranks also hide the GPUs: DeepSpeed, torch and the loop's memory check then
+        all agree that the rank has none. On a machine with GPUs they build DeepSpeed's
+        ops in their own folder (:func:`cpu_ops_dir`).
+        """
+        if self.kind == "cpu":
+            env = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+            if self.gpus:
+                env["TORCH_EXTENSIONS_DIR"] = cpu_ops_dir()
+            return env
+        return {"DS_ACCELERATOR": "cuda"}
+
+
+def cpu_ops_dir() -> str:
+    """Where CPU ranks on a GPU machine build DeepSpeed's C++ ops: ``cpu-ranks`` under
+    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). DeepSpeed names its CPU
+    and its CUDA Adam op alike (``fused_adam``), so in one folder each build would replace
+    the other, a rebuild of a minute or more every time the device changes."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                 "torch_extensions")
+    return os.path.join(base, "cpu-ranks")
+
+
+class RankResults(list):
+    """:func:`run_ranks`' return value: each rank's result in rank order (a list), and
+    ``device``, the :class:`RankDevice` they ran on."""
+
+    def __init__(self, results: list[Any], device: RankDevice):
+        super().__init__(results)
+        self.device = device
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process may use; 0 without CUDA. (Does not initialise CUDA.)"""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose_rank_device(world_size: int, device: str | None = None) -> RankDevice:
+    """Where ``world_size`` ranks run: the one place :func:`run_ranks` decides it.
+
+    Args:
+        world_size: the number of ranks.
+        device: ``"cuda"`` (one GPU per rank, or an error), ``"cpu"``, or None: GPUs when
+            there is one for every rank and ``DS_ACCELERATOR`` does not say ``cpu``, else
+            CPU ranks (a one-GPU machine runs 2 ranks on its CPU).
+
+    Returns:
+        A :class:`RankDevice`.
+
+    Raises:
+        ValueError: an unknown ``device``, or ``"cuda"`` with fewer GPUs than ranks.
+    """
+    if device is not None and device not in DEVICES:
+        raise ValueError(f"device: must be one of {', '.join(DEVICES)} or None (choose), got {device!r}")
+    gpus = visible_gpus()
+    if device == "cuda" and gpus < world_size:
+        raise ValueError(f"device='cuda': {world_size} ranks need {world_size} GPUs, this process sees {gpus}; "
+                         "use device='cpu' (gloo) or device=None (GPUs when there are enough, else the CPU)")
+    if device is not None:
+        return RankDevice(device, f"device={device!r} was asked for", gpus)
+    accelerator = os.environ.get("DS_ACCELERATOR")
+    if accelerator == "cpu":
+        return RankDevice("cpu", "DS_ACCELERATOR=cpu", gpus)
+    if gpus == 0:
+        return RankDevice("cpu", "no GPU", gpus)
+    if gpus < world_size:
+        return RankDevice("cpu", f"{gpus} GPU{'s' * (gpus != 1)} for {world_size} ranks; "
+                                 f"device='cuda' needs {world_size}", gpus)
+    return RankDevice("cuda", f"{gpus} GPUs for {world_size} ranks", gpus)
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 300.0,
-              env: dict[str, str] | None = None) -> list[Any]:
-    """Run ``fn(rank, *args)`` on ``world_size`` fresh CPU processes and collect the results.
+              env: dict[str, str] | None = None, device: str | None = None) -> RankResults:
+    """Run ``fn(rank, *args)`` on ``world_size`` fresh processes and collect the results.
 
     Each rank gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, a free MASTER_PORT and its
     share of the cores in OMP_NUM_THREADS, so ``TrainerLoop`` and ``deepspeed.initialize``
     work inside ``fn`` as under a launcher. ``fn`` must be picklable (a module-level
     function), as must its arguments and return value.
+
+    The ranks run on one GPU each (NCCL) when the machine has a GPU for every rank, else
+    on the CPU with gloo, their GPUs hidden (:func:`choose_rank_device`); the choice is
+    logged and returned as ``results.device``.
 
     Args:
         fn: the function each rank runs.
@@ -69,11 +165,13 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
         *args: passed to ``fn`` after the rank.
         timeout: seconds for the whole run; ranks still running then are killed.
         env: extra environment variables for every rank (MASTER_PORT here picks the port).
+        device: ``"cpu"``, ``"cuda"`` or None (choose); see :func:`choose_rank_device`.
 
     Returns:
-        Each rank's return value, in rank order.
+        Each rank's return value, in rank order (a list with ``.device``).
 
     Raises:
+        ValueError: ``device`` is unknown, or ``"cuda"`` with fewer GPUs than ranks.
         RankFailure: a rank raised (its traceback and rank number are in the message) or
             exited without reporting.
         RankTimeout: a rank hung past ``timeout``.
@@ -81,30 +179,56 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
     Whatever happens, every rank process is gone on return and the run's /dev/shm
     buffers are removed.
     """
+    placement = choose_rank_device(world_size, device)
+    log.info("run_ranks: %d %s ranks (%s)", world_size, "GPU" if placement.kind == "cuda" else "CPU",
+             placement.reason)
     ctx = multiprocessing.get_context("spawn")
     env = dict(env or {})
     port = int(env.pop("MASTER_PORT", 0)) or free_port()
     threads = max(1, available_cores() // world_size)
-    clear_stale_build_locks(env.get("TORCH_EXTENSIONS_DIR"))  # ranks that call deepspeed.init_distributed themselves would wait forever
+    extensions_dir = {**placement.rank_env(), **env}.get("TORCH_EXTENSIONS_DIR")
+    clear_stale_build_locks(extensions_dir)  # ranks that call deepspeed.init_distributed themselves would wait forever
     conns, procs = [], []
     try:
         for rank in range(world_size):
             receiver, sender = ctx.Pipe(duplex=False)
             rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads), **env}
+                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads), **placement.rank_env(), **env}
             proc = ctx.Process(target=_rank_main, args=(fn, rank, rank_env, args, sender),
                                name=f"zeroloop-rank-{rank}")  # not daemonic: DataLoader workers may start
-            proc.start()
+            # The device variables must be there when the rank starts: unpickling fn
+            # imports its module (and DeepSpeed, which picks its accelerator on import).
+            with _environment(placement.rank_env()):
+                proc.start()
             sender.close()
             conns.append(receiver)
             procs.append(proc)
-        return _collect(conns, procs, timeout)
+        return RankResults(_collect(conns, procs, timeout), placement)
     finally:
         _stop(procs)
         for conn in conns:
             conn.close()
         remove_shm_buffers(port)
+
+
+@contextlib.contextmanager
+def _environment(updates: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration (a spawned process inherits them)."""
+    saved = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        _restore_environment(saved)
+
+
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _collect(conns, procs, timeout: float) -> list[Any]:
@@ -227,6 +351,10 @@ def single_process(port: int | None = None) -> Iterator[None]:
     Sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (a free port unless given),
     and on exit destroys the process group if one was started, removes the run's /dev/shm
     buffers and restores the previous environment.
+
+    The run uses DeepSpeed's accelerator, as any script would: the first GPU when there is
+    one, else the CPU (``DS_ACCELERATOR=cpu``, set before DeepSpeed is first imported,
+    keeps it on the CPU). Build test tensors on ``engine.device``.
     """
     saved = {key: os.environ.get(key) for key in RANK_ENV_KEYS}
     port = port or free_port()
@@ -238,11 +366,7 @@ def single_process(port: int | None = None) -> Iterator[None]:
     finally:
         _destroy_process_group()
         remove_shm_buffers(port)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _restore_environment(saved)
 
 
 @contextlib.contextmanager
