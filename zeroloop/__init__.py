@@ -11,13 +11,14 @@ from . import quiet  # noqa: E402 - before anything imports deepspeed (its impor
 quiet.install()
 
 from .activation import ActivationCheckpointing  # noqa: E402
-from .checkpoint import CheckpointError, CheckpointSettings  # noqa: E402
-from .config import ConfigError, Hyperparameters, resolve_config  # noqa: E402
+from .checkpoint import CheckpointSettings  # noqa: E402
+from .config import Hyperparameters, resolve_config  # noqa: E402
 from .consolidate import consolidate  # noqa: E402
 from .data import PerRankBatches  # noqa: E402
+from .errors import CheckpointError, ConfigError, NumericalHealthError, ZeroloopError  # noqa: E402
 from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
 from .memory import plan  # noqa: E402
-from .precision import HealthPolicy, NumericalHealthError  # noqa: E402
+from .precision import HealthPolicy  # noqa: E402
 from .runtime import init_distributed, seed_everything, teardown  # noqa: E402
 from .state import TrainState  # noqa: E402
 
@@ -34,6 +35,7 @@ __all__ = [
     "TrainState",
     "TrainSummary",
     "TrainerLoop",
+    "ZeroloopError",
     "__version__",
     "consolidate",
     "init_distributed",

@@ -49,12 +49,13 @@ import torch
 
 from . import runtime
 from .adam_replay import replay_cpu_adam_bias_corrections
-from .config import ConfigError, is_int
+from .config import is_int
+from .errors import CheckpointError, ConfigError
 from .pretrained import save_pretrained_configs
 from .resume import ResumePlan, plan_resume, reapply, seed_rank
 from .state import TrainState
-from .manifest import (DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, TMP_SUFFIX, CheckpointError,
-                       find_checkpoint, list_checkpoints, read_checkpoint, read_manifest)
+from .manifest import (DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, TMP_SUFFIX, find_checkpoint, list_checkpoints,
+                       read_checkpoint, read_manifest)
 from .universal import convert_collectively, read_universal_manifest, universal_sibling
 from .universal_load import load_universal
 

@@ -14,6 +14,7 @@ import json
 import sys
 
 from . import __version__
+from .errors import CheckpointError, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +127,7 @@ PLAN_FLAGS = {"params": "--params", "world_size": "--gpus x --nodes", "devices_p
 def run_plan(args: argparse.Namespace) -> int:
     import contextlib
 
-    from .config import ConfigError, load_config
+    from .config import load_config
     from .memory import parse_count, plan
 
     try:
@@ -174,7 +175,7 @@ def add_consolidate_command(commands) -> None:
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
-    from .consolidate import CheckpointError, consolidate
+    from .consolidate import consolidate
 
     try:
         result = consolidate(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
@@ -203,7 +204,6 @@ def add_report_command(commands) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from .config import ConfigError
     from .report import report
 
     try:
@@ -229,7 +229,7 @@ def add_inspect_command(commands) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from .inspection import CheckpointError, format_inspection, inspect_checkpoint
+    from .inspection import format_inspection, inspect_checkpoint
 
     try:
         info = inspect_checkpoint(args.checkpoint)
@@ -254,7 +254,7 @@ def add_universal_command(commands) -> None:
 
 
 def run_universal(args: argparse.Namespace) -> int:
-    from .universal import CheckpointError, convert_to_universal
+    from .universal import convert_to_universal
 
     try:
         output = convert_to_universal(args.checkpoint, args.output)

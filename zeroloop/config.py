@@ -18,6 +18,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .errors import ConfigError
+
+
 AUTO = "auto"
 
 # Top-level keys DeepSpeed 0.16-0.19 reads (runtime/config.py and the feature configs it
@@ -49,25 +52,6 @@ DEFAULT_BUCKETS = {
     "stage3_prefetch_bucket_size": 50_000_000,
     "stage3_param_persistence_threshold": 100_000,
 }
-
-
-class ConfigError(ValueError):
-    """One or more problems in a DeepSpeed config, all reported together.
-
-    Attributes:
-        problems: one line per problem, each naming the key and the fix.
-        source: the file the config came from, or ``None`` for a dict.
-
-    Also raised for bad ``TrainerLoop`` arguments (``subject="TrainerLoop arguments"``).
-    """
-
-    def __init__(self, problems: list[str], source: str | None = None, subject: str = "DeepSpeed config"):
-        self.problems = list(problems)
-        self.source = source
-        where = f" ({source})" if source else ""
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        count = len(self.problems)
-        super().__init__(f"{subject}{where} has {count} problem{'s' * (count != 1)}:\n{lines}")
 
 
 @dataclass(frozen=True)

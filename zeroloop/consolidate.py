@@ -43,6 +43,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from . import runtime
+from .errors import CheckpointError, CheckpointNotFoundError
 from .memory import parse_size as parse_bytes
 from .pretrained import copy_pretrained_configs, save_pretrained_configs
 
@@ -74,14 +75,6 @@ ZERO3_FP32_GROUPS = "fp32_flat_groups"
 MODEL_FILE = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_FILE = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-
-
-class CheckpointError(ValueError):
-    """The checkpoint or an argument cannot be consolidated; the message says why and the fix."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """A folder, tag or rank file the consolidation needs does not exist."""
 
 
 @dataclass(frozen=True)

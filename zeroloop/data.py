@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, Sampler,
                               SequentialSampler, default_collate, get_worker_info)
 
-from .config import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger("zeroloop")
 

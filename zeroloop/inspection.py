@@ -11,7 +11,8 @@ import os
 from typing import Any
 
 from .checkpoint import folder_files
-from .manifest import LATEST, MANIFEST, CheckpointError, read_manifest
+from .errors import CheckpointError
+from .manifest import LATEST, MANIFEST, read_manifest
 from .resume import saved_layout, saved_train_batch
 from .universal import UNIVERSAL_MANIFEST, UNIVERSAL_SUFFIX, is_deepspeed_universal, read_universal_manifest
 

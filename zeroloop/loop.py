@@ -25,9 +25,10 @@ from . import arguments, runtime
 from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
 from .autocast import Bf16Choice, choose_for_run, left_to_zeroloop, with_mode
-from .checkpoint import CheckpointError, Checkpointer, CheckpointSettings, RunFacts
+from .checkpoint import Checkpointer, CheckpointSettings, RunFacts
+from .errors import CheckpointError, ConfigError
 from .compiling import compile_engine, compile_requested, run_problems, setting_problems
-from .config import ConfigError, Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
+from .config import Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
 from .data import RankBatches, count_rows, count_tokens, loader_batch_size, move_to_device, rank_batches
 from .launcher import shield_loader_workers
 from .metrics import CustomMetrics, MetricsLog, ProgressBar

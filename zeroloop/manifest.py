@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from .errors import CheckpointError
 from .state import TrainState
 
 log = logging.getLogger("zeroloop")
@@ -24,10 +25,6 @@ TMP_SUFFIX = ".tmp"  # a tag folder still being written; never loaded
 DELETING_SUFFIX = ".deleting"  # an old checkpoint on its way out; never loaded
 REQUIRED_KEYS = ("files", "global_step", "train_state", "world_size", "zero_stage", "micro_batch_size",
                  "gradient_accumulation_steps", "total_steps", "sampler_seed")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or resumed from; the message names the file and the fix."""
 
 
 # --- finding and checking checkpoints (pure file-system functions, no DeepSpeed) ------------------

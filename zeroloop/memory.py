@@ -30,8 +30,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from .config import (DEFAULT_BUCKETS, ConfigError, autocast_on, is_int, is_number, precision_of, resolve_buckets,
-                     zero_stage_of)
+from .config import DEFAULT_BUCKETS, autocast_on, is_int, is_number, precision_of, resolve_buckets, zero_stage_of
+from .errors import ConfigError
 from .runtime import local_world_size
 
 GB = 10**9

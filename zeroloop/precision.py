@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .config import is_int
+from .errors import NumericalHealthError
 
 log = logging.getLogger("zeroloop")
 
@@ -25,10 +26,6 @@ LOSS_SCALE_POLICIES = ("raise", "warn")
 NON_FINITE_POLICIES = ("raise", "skip", "off")
 FIXES = ("switch to bf16 where the hardware has it (no loss scaling needed); lower the learning rate; "
          "clip gradients (gradient_clipping); check the data for extreme or corrupt batches")
-
-
-class NumericalHealthError(RuntimeError):
-    """Training stopped because its numbers went bad; the message says where and what to try."""
 
 
 @dataclass(frozen=True)

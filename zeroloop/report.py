@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError
 
 # (record key, panel title, y scale) of each panel, in reading order.
 PANELS = (

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from .autocast import MODE_SECTIONS, TORCH_AUTOCAST, precision_mode
-from .config import (AUTO, ConfigError, Hyperparameters, batch_sizes, precision_of, same_value, validate_structure,
-                     zero_stage_of)
+from .config import AUTO, Hyperparameters, batch_sizes, precision_of, same_value, validate_structure, zero_stage_of
+from .errors import ConfigError
 
 log = logging.getLogger("zeroloop")
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .errors import RankFailure, RankTimeout
 from .ops import clear_stale_build_locks
 from .runtime import SHM_PREFIX, available_cores, free_port, log
 
@@ -35,25 +36,6 @@ RANK_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_
 # Seconds the other ranks get to finish once one rank has failed (they usually wait in a
 # collective for the failed one and never will).
 FAILURE_GRACE_S = 3.0
-
-
-class RankFailure(RuntimeError):
-    """A rank raised, crashed or timed out in :func:`run_ranks`.
-
-    Attributes:
-        rank: the first rank that failed.
-        remote_traceback: that rank's formatted traceback (or exit description).
-    """
-
-    def __init__(self, rank: int, message: str, remote_traceback: str = ""):
-        self.rank = rank
-        self.remote_traceback = remote_traceback
-        super().__init__(f"{message}\n\n--- rank {rank} traceback ---\n{remote_traceback}"
-                         if remote_traceback else message)
-
-
-class RankTimeout(RankFailure):
-    """One or more ranks did not finish within the timeout and were killed."""
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,9 @@ from typing import Any, Callable
 
 import torch
 
-from .consolidate import CheckpointError as UnreadableCheckpoint
 from .consolidate import (MODEL_FILE, OPTIMIZER_STATE, ZERO3_FP32_GROUPS, ZERO3_MODEL_FILE, ZERO12_FP32_GROUPS, Piece,
                           _chunks, _drop_pages, _load, _lookup, _model_file, read_layout)
-from .manifest import CheckpointError
+from .errors import CheckpointError
 
 log = logging.getLogger("zeroloop")
 
@@ -188,10 +187,7 @@ def plan_universal(tag_dir: str) -> UniversalPlan:
     Raises:
         CheckpointError: a rank file is missing, or the files do not add up.
     """
-    try:
-        layout = read_layout(tag_dir)
-    except UnreadableCheckpoint as e:  # the consolidation reader's error, as the resume reports them
-        raise CheckpointError(str(e)) from None
+    layout = read_layout(tag_dir)
     files = _Files()
     meta = files.get(_model_file(tag_dir))
     buffers = set(meta.get("buffer_names") or ())

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .manifest import CheckpointError
+from .errors import CheckpointError
 from .universal import MOMENTS, OPTIMIZER_STATE_FILE, PARAM, model_states_file
 
 
