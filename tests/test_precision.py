@@ -11,24 +11,12 @@ import deepspeed
 import pytest
 import torch
 
-from helpers import RegressionData, make_model
+from helpers import GradBomb, RegressionData, make_model
 from zeroloop import ConfigError, HealthPolicy, LogSettings, NumericalHealthError, TrainerLoop
 from zeroloop.testing import fp16_on_cpu, full_parameters, run_ranks, single_process, tiny_config
 
 STEPS = 7
 OVERFLOW_STEPS = (2, 3)
-
-
-class GradBomb(torch.autograd.Function):
-    """Identity forward; infinite gradients backward (an injected fp16 overflow)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
 
 
 class Injecting(TrainerLoop):
