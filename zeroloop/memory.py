@@ -26,16 +26,14 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from .config import DEFAULT_BUCKETS, autocast_on, is_int, is_number, precision_of, resolve_buckets, zero_stage_of
 from .errors import ConfigError
 from .runtime import local_world_size
+from .sizes import human, parse_size
 
-GB = 10**9
-GiB = 2**30
 # Bytes per weight and per gradient. "autocast" is DeepSpeed's torch_autocast mode: fp32
 # weights, gradients and optimizer, the forward in 16-bit (zeroloop.autocast).
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "autocast": 4}
@@ -614,43 +612,6 @@ def check_size(name: str, value: Any, problems: list[str]) -> int | None:
     return size
 
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from a number of bytes or a size such as ``"24GB"`` (1e9) or ``"80GiB"`` (2^30).
-
-    Raises:
-        ValueError: the value is neither, with an example of what is accepted.
-    """
-    if is_number(value):
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    unit = match.group(2).upper() if match else None
-    if unit not in SIZE_UNITS:
-        raise ValueError(f"cannot read {value!r} as a size; write bytes or a size such as 24GB "
-                         "(GB = 1e9 bytes) or 80GiB (GiB = 2^30 bytes)")
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
-
-
-COUNT_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-
-
-def parse_count(text: Any) -> Any:
-    """A count from the command line: ``"7e9"``, ``"7B"``, ``"350M"`` -> a float; anything
-    else is returned as given, for the validation to name."""
-    if text is None or is_number(text):
-        return text
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", str(text))
-    if not match:
-        return text
-    try:
-        return float(match.group(1)) * COUNT_SUFFIXES.get(match.group(2).upper(), 1)
-    except ValueError:
-        return text
-
-
 def optimizer_k(optimizer: Any, precision: str) -> tuple[str, float]:
     """The optimizer's name and the paper's K: state bytes, plus the fp32 master in mixed
     precision (under autocast the weights are the fp32 master)."""
@@ -983,15 +944,6 @@ def available_ram() -> int:
 
 
 # --- output ---------------------------------------------------------------------------------
-
-
-def human(n: float | None) -> str:
-    """Bytes as GB (1e9) or MB (1e6), three significant figures."""
-    if n is None:
-        return "-"
-    if abs(n) >= 0.1 * GB:
-        return f"{n / GB:.3g} GB" if n < 1000 * GB else f"{n / GB:,.0f} GB"
-    return f"{n / 10**6:.3g} MB"
 
 
 TABLE_COLUMNS = (
