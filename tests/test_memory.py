@@ -13,7 +13,8 @@ from torch import nn
 import zeroloop
 from zeroloop.cli import main
 from zeroloop.config import ConfigError
-from zeroloop.memory import PREFERENCE, count_parameters, plan, preflight
+from zeroloop.memory import count_parameters, plan, preflight
+from zeroloop.memory.advice import PREFERENCE
 from zeroloop.sizes import GB, GiB, parse_size
 
 # The paper's Figure 1: 7.5B parameters, N = 64, mixed-precision Adam (K = 12).
