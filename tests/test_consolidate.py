@@ -389,7 +389,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert "not a DeepSpeed checkpoint folder" in capsys.readouterr().err
 
 
-def test_parse_size_units():
+def test_shard_size_units():
     assert parse_shard_size("5GB") == 5 * 10**9
     assert parse_shard_size("2GiB") == 2 * 2**30
     assert parse_shard_size("1.5MB") == 1_500_000
