@@ -131,10 +131,11 @@ def plan(
     """
     inputs = PlanRequest(model=model, params=params, world_size=world_size, devices_per_node=devices_per_node,
                          device_memory=device_memory, host_memory=host_memory, precision=precision,
-                         optimizer=optimizer, micro_batch=micro_batch, seq_len=seq_len, hidden_size=hidden_size,
-                         layers=layers, activation_checkpointing=activation_checkpointing,
-                         largest_layer=largest_layer, trainable_params=trainable_params, ds_config=ds_config,
-                         zero_init=zero_init, host_buffer_factor=host_buffer_factor).inputs()
+                         optimizer=optimizer, micro_batch=micro_batch, seq_len=seq_len,
+                         hidden_size=hidden_size, layers=layers,
+                         activation_checkpointing=activation_checkpointing, largest_layer=largest_layer,
+                         trainable_params=trainable_params, ds_config=ds_config, zero_init=zero_init,
+                         host_buffer_factor=host_buffer_factor).inputs()
     activations = estimate_activations(inputs)
     options = tuple(price_option(option, inputs, activations) for option in OPTIONS)
     recommended, reason = recommend(options, inputs)
@@ -174,5 +175,5 @@ def preflight(model, ds_config: Mapping[str, Any], world_size: int, device_memor
             f"but {human(result.inputs.device_memory)} is available; {better}")
 
 
-__all__ = ["OptionPlan", "ParamCount", "Plan", "PlanInputs", "PlanRequest", "count_parameters", "plan", "preflight",
-           "visible_device_memory"]
+__all__ = ["OptionPlan", "ParamCount", "Plan", "PlanInputs", "PlanRequest", "count_parameters", "plan",
+           "preflight", "visible_device_memory"]

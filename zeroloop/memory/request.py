@@ -12,7 +12,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..config import DEFAULT_BUCKETS, autocast_on, is_int, is_number, precision_of, resolve_buckets, zero_stage_of
+from ..config import (DEFAULT_BUCKETS, autocast_on, is_int, is_number, precision_of, resolve_buckets,
+                      zero_stage_of)
 from ..errors import ConfigError
 from ..sizes import parse_size
 from .model import FP32_MASTER_BYTES, OPTIONS, PRECISION_BYTES, Buckets, ParamCount, PlanInputs
@@ -113,7 +114,8 @@ class PlanRequest:
             return ParamCount(1, 1, 0)
         if model is not None:
             if not hasattr(model, "parameters"):
-                problems.append(f"model: must be a torch.nn.Module, got {type(model).__name__}; or pass params=")
+                problems.append(f"model: must be a torch.nn.Module, got {type(model).__name__}; "
+                                "or pass params=")
                 return ParamCount(1, 1, 0)
             counted = count_parameters(model, threshold)
             if counted.total == 0:
@@ -121,7 +123,10 @@ class PlanRequest:
             return counted
         total = check_positive_int("params", params, problems)
         trainable = self.trainable_params
-        trainable = total if trainable is None else check_positive_int("trainable_params", trainable, problems, 0)
+        if trainable is None:
+            trainable = total
+        else:
+            trainable = check_positive_int("trainable_params", trainable, problems, 0)
         largest = self.largest_layer or 0
         largest = check_positive_int("largest_layer", largest, problems, 0)
         if total and trainable > total:
@@ -140,8 +145,9 @@ class PlanRequest:
             return None
         if len(given) < len(sizes) and given != ["hidden_size"]:
             missing = [name for name, value in sizes.items() if value is None]
-            problems.append(f"{', '.join(missing)}: the activation estimate needs all of micro_batch, seq_len, "
-                            f"hidden_size and layers; give {' and '.join(missing)} too, or none of them")
+            problems.append(f"{', '.join(missing)}: the activation estimate needs all of micro_batch, "
+                            f"seq_len, hidden_size and layers; give {' and '.join(missing)} too, "
+                            "or none of them")
             return None
         if given == ["hidden_size"]:
             check_positive_int("hidden_size", self.hidden_size, problems)
