@@ -13,9 +13,16 @@ PACKAGE_DIR = Path(zeroloop.__file__).parent
 MAX_MODULE_LINES = 650  # one idea per module; past this a module holds several
 
 
+def module_files() -> list[Path]:
+    """Every module of the package, its sub-packages' included."""
+    return sorted(PACKAGE_DIR.rglob("*.py"))
+
+
 def module_name(path: Path) -> str:
-    """``zeroloop`` for the package's ``__init__.py``, else ``zeroloop.<stem>``."""
-    return PACKAGE if path.stem == "__init__" else f"{PACKAGE}.{path.stem}"
+    """The dotted name: ``zeroloop`` for the package's ``__init__.py``, ``zeroloop.memory`` for
+    a sub-package's, ``zeroloop.memory.probes`` for a module."""
+    parts = (PACKAGE,) + path.relative_to(PACKAGE_DIR).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def is_type_checking(node: ast.If) -> bool:
@@ -44,7 +51,8 @@ def module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
-def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, modules: set[str]) -> set[str]:
+def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, modules: set[str],
+                     packages: set[str] = frozenset({PACKAGE})) -> set[str]:
     """The package's modules an import statement of ``importer`` loads.
 
     ``from .x import y`` and ``from zeroloop.x import y`` load ``zeroloop.x``; ``from . import x``
@@ -54,8 +62,9 @@ def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, modules: 
     if isinstance(node, ast.Import):
         targets = [alias.name for alias in node.names]
     else:
-        if node.level:
-            package = importer if importer == PACKAGE else importer.rsplit(".", 1)[0]
+        if node.level:  # relative to the importer's package, one level up per extra dot
+            package = importer if importer in packages else importer.rsplit(".", 1)[0]
+            package = ".".join(package.split(".")[:len(package.split(".")) - (node.level - 1)])
             base = ".".join([package] + ([node.module] if node.module else []))
         else:
             base = node.module or ""
@@ -73,10 +82,15 @@ def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, modules: 
     return loaded
 
 
-def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
-    """Module name -> the package's modules it imports at module level."""
+def import_graph(sources: dict[str, str], packages: set[str] = frozenset({PACKAGE})) -> dict[str, set[str]]:
+    """Module name -> the package's modules it imports at module level.
+
+    Args:
+        sources: each module's text, by dotted name.
+        packages: the names that are packages (``__init__.py``), for relative imports.
+    """
     modules = set(sources)
-    return {name: set().union(*(imported_modules(node, name, modules)
+    return {name: set().union(*(imported_modules(node, name, modules, packages)
                                 for node in module_level_imports(ast.parse(source))))
             for name, source in sources.items()}
 
@@ -129,11 +143,15 @@ def circle_within(graph: dict[str, set[str]], component: set[str]) -> list[str]:
 
 
 def package_sources() -> dict[str, str]:
-    return {module_name(path): path.read_text() for path in sorted(PACKAGE_DIR.glob("*.py"))}
+    return {module_name(path): path.read_text() for path in module_files()}
+
+
+def package_names() -> set[str]:
+    return {module_name(path) for path in module_files() if path.stem == "__init__"}
 
 
 def test_no_import_circle_among_the_modules():
-    graph = import_graph(package_sources())
+    graph = import_graph(package_sources(), package_names())
     assert len(graph) > 10 and graph["zeroloop"]  # the package was read, and __init__ imports modules
     cycles = import_cycles(graph)
     assert not cycles, "import circles at module level:\n" + "\n".join(" -> ".join(c) for c in cycles)
@@ -160,7 +178,18 @@ def test_the_circle_check_finds_a_circle_and_ignores_deferred_imports():
     assert import_cycles(import_graph(sources)) == []
 
 
+def test_relative_imports_inside_a_sub_package():
+    sources = {"zeroloop": "from .memory import plan\n",
+               "zeroloop.memory": "from .probes import available_ram\nfrom ..sizes import parse_size\n",
+               "zeroloop.memory.probes": "from . import render\nfrom .. import sizes\n",
+               "zeroloop.memory.render": "", "zeroloop.sizes": ""}
+    assert import_graph(sources, {"zeroloop", "zeroloop.memory"}) == {
+        "zeroloop": {"zeroloop.memory"}, "zeroloop.memory": {"zeroloop.memory.probes", "zeroloop.sizes"},
+        "zeroloop.memory.probes": {"zeroloop.memory.render", "zeroloop.sizes"}, "zeroloop.memory.render": set(),
+        "zeroloop.sizes": set()}
+
+
 def test_every_module_is_at_most_650_lines():
-    lengths = {path.name: len(path.read_text().splitlines()) for path in sorted(PACKAGE_DIR.glob("*.py"))}
+    lengths = {str(path.relative_to(PACKAGE_DIR)): len(path.read_text().splitlines()) for path in module_files()}
     too_long = {name: lines for name, lines in lengths.items() if lines > MAX_MODULE_LINES}
     assert not too_long, f"modules over {MAX_MODULE_LINES} lines (split them by concern): {too_long}"

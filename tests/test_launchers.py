@@ -20,7 +20,7 @@ import torch
 
 from helpers import RegressionData, make_model
 from zeroloop import LogSettings, TrainerLoop, consolidate, runtime
-from zeroloop.consolidate import load_state_dict
+from zeroloop.safetensors_io import load_state_dict
 from zeroloop.checkpoint import LATEST, MANIFEST, rank_file, read_manifest
 from zeroloop.runtime import EXIT_PAUSE_S, available_cores, free_port
 from zeroloop.testing import choose_rank_device, remove_shm_buffers, single_process, tiny_config

@@ -55,7 +55,7 @@ from .pretrained import save_pretrained_configs
 from .resume import ResumePlan, plan_resume, reapply, seed_rank
 from .state import TrainState
 from .manifest import (DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, TMP_SUFFIX, find_checkpoint, list_checkpoints,
-                       read_checkpoint, read_manifest)
+                       read_checkpoint, read_latest, read_manifest)
 from .universal import convert_collectively, read_universal_manifest, universal_sibling
 from .universal_load import load_universal
 
@@ -158,15 +158,6 @@ def folder_files(folder: str) -> dict[str, int]:
             path = os.path.join(root, name)
             found[os.path.relpath(path, folder)] = os.path.getsize(path)
     return dict(sorted(found.items()))
-
-
-def read_latest(folder: str) -> str | None:
-    """The tag ``folder/latest`` names, or None when there is none or it cannot be read."""
-    try:
-        with open(os.path.join(folder, LATEST), encoding="utf-8") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
 
 
 def attempt(write: Callable[..., Any], *args: Any) -> str | None:
@@ -556,7 +547,7 @@ class Checkpointer:
             log.info("stopped before the end of training: no final weights are written now (the run that "
                      "resumes and ends writes them)")
         elif self.settings.final_weights:
-            from .consolidate import save_final_weights
+            from .export import save_final_weights
 
             save_final_weights(self.engine, os.path.join(self.output_dir, "final"),
                                exclude_frozen=self.settings.final_weights == "trainable", progress=progress)
