@@ -22,6 +22,7 @@ from zeroloop import LogSettings, TrainerLoop
 from zeroloop.checkpoint import (LATEST, MANIFEST, CheckpointError, Checkpointer, CheckpointSettings, find_checkpoint,
                                  list_checkpoints, rank_file, read_manifest)
 from zeroloop.data import GlobalBatchSampler
+from zeroloop.errors import ConfigError
 from zeroloop.resume import plan_resume
 from zeroloop.state import TrainState
 from zeroloop.testing import RankFailure, full_parameters, run_ranks, single_process, tiny_config
@@ -299,11 +300,17 @@ def test_resume_latest_in_an_empty_folder_starts_fresh(tmp_path):
     assert find_checkpoint(None, str(tmp_path)) is None
 
 
-def test_settings_are_checked():
-    with pytest.raises(ValueError, match="keep: must be an integer >= 1"):
-        CheckpointSettings(keep=0)
-    with pytest.raises(ValueError, match="every: must be a positive"):
-        CheckpointSettings(every=0)
+def test_settings_are_checked(tmp_path):
+    assert CheckpointSettings().problems() == []
+    bad = CheckpointSettings(keep=0, every=0, final_weights="all")  # constructing never raises
+    problems = bad.problems()
+    assert len(problems) == 3
+    assert problems[0].startswith("checkpoint.final_weights: must be True, False or \"trainable\"")
+    assert problems[1].startswith("checkpoint.every: must be a positive")
+    assert problems[2].startswith("checkpoint.keep: must be an integer >= 1")
+    with pytest.raises(ConfigError) as info:
+        Checkpointer(bad, str(tmp_path), engine=None, state=TrainState(), facts=None)
+    assert info.value.problems == problems
 
 
 def test_sampler_starts_at_a_global_position():

@@ -49,7 +49,7 @@ import torch
 
 from . import runtime
 from .adam_replay import replay_cpu_adam_bias_corrections
-from .config import is_int
+from .config import is_positive_int
 from .errors import CheckpointError, ConfigError
 from .pretrained import save_pretrained_configs
 from .resume import ResumePlan, plan_resume, reapply, seed_rank
@@ -96,16 +96,19 @@ class CheckpointSettings:
     handle_signals: bool = True
     final_weights: bool | str = True
 
-    def __post_init__(self):
-        problems = []
+    def problems(self) -> list[str]:
+        """Every problem with these settings, one line each naming the field and the fix
+        (empty when they are good); the loop raises them in one ConfigError."""
+        found = []
         if self.final_weights not in (True, False, "trainable"):
-            problems.append(f"final_weights: must be True, False or \"trainable\", got {self.final_weights!r}")
-        if self.every is not None and (not is_int(self.every) or self.every < 1):
-            problems.append(f"every: must be a positive number of optimizer steps or None, got {self.every!r}")
-        if not is_int(self.keep) or self.keep < 1:
-            problems.append(f"keep: must be an integer >= 1 (checkpoints to keep), got {self.keep!r}")
-        if problems:
-            raise ConfigError(problems, subject="CheckpointSettings")
+            found.append(f"checkpoint.final_weights: must be True, False or \"trainable\", "
+                         f"got {self.final_weights!r}")
+        if self.every is not None and not is_positive_int(self.every):
+            found.append(f"checkpoint.every: must be a positive number of optimizer steps or None, "
+                         f"got {self.every!r}")
+        if not is_positive_int(self.keep):
+            found.append(f"checkpoint.keep: must be an integer >= 1 (checkpoints to keep), got {self.keep!r}")
+        return found
 
 
 # --- files: fsync, JSON, latest ---------------------------------------------------------------
@@ -359,12 +362,17 @@ class Checkpointer:
         node_local: the config asks for node-local storage; read while ``engine`` is None
             (the loop picks the checkpoint before building the engine), the engine's
             setting afterwards.
+
+    Raises:
+        ConfigError: the settings' :meth:`~CheckpointSettings.problems`, all listed.
     """
 
     def __init__(self, settings: CheckpointSettings, output_dir: str, *, engine: Any, state: TrainState,
                  facts: RunFacts, before_save: Callable[[], None] | None = None, node_local: bool = False):
         import deepspeed.comm as dist
 
+        if settings.problems():
+            raise ConfigError(settings.problems(), subject="CheckpointSettings")
         self.node_local_before_engine = node_local
         self.settings = settings
         self.output_dir = output_dir

@@ -28,7 +28,7 @@ from .autocast import Bf16Choice, choose_for_run, left_to_zeroloop, with_mode
 from .checkpoint import Checkpointer, CheckpointSettings, RunFacts
 from .errors import CheckpointError, ConfigError
 from .compiling import compile_engine, compile_requested, run_problems, setting_problems
-from .config import Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
+from .config import Hyperparameters, batch_sizes, is_positive_int, load_config, precision_of, resolve_config
 from .data import RankBatches, count_rows, count_tokens, loader_batch_size, move_to_device, rank_batches
 from .launcher import shield_loader_workers
 from .metrics import CustomMetrics, MetricsLog, ProgressBar
@@ -57,6 +57,14 @@ class LogSettings:
     every: int = 10
     progress_bar: bool = True
     metrics_file: str = "metrics.jsonl"
+
+    def problems(self) -> list[str]:
+        """Every problem with these settings, one line each naming the field and the fix
+        (empty when they are good); the loop raises them in one ConfigError."""
+        if not is_positive_int(self.every):
+            return [f"log.every: must be a positive integer (optimizer steps between metrics lines), "
+                    f"got {self.every!r}"]
+        return []
 
 
 @dataclass
@@ -535,10 +543,8 @@ class TrainerLoop:
             problems.append("max_steps / epochs: give at least one (optimizer steps, or passes over train_data)")
         for name in ("max_steps", "epochs", "eval_every"):
             value = getattr(self, name)
-            if value is not None and (not is_int(value) or value < 1):
+            if value is not None and not is_positive_int(value):
                 problems.append(f"{name}: must be a positive integer or None, got {value!r}")
-        if not is_int(self.log.every) or self.log.every < 1:
-            problems.append(f"log.every: must be a positive integer, got {self.log.every!r}")
         problems += arguments.model_problems(self.model)
         problems += arguments.output_dir_problems(self.output_dir)
         problems += arguments.client_problems(self.optimizer, self.lr_scheduler)
@@ -547,10 +553,18 @@ class TrainerLoop:
         elif isinstance(self.model, nn.Module) and type(self).compute_loss is TrainerLoop.compute_loss:
             peeked, sample = arguments.first_sample(self.train_data)
             problems += arguments.batch_problems(self.model, sample, self.loss_fn) if peeked else []
-        problems += self.health.problems()
+        problems += self._settings_problems()
         problems += setting_problems(self.compile)
         if problems:
             raise ConfigError(problems, subject="TrainerLoop arguments")
+
+    def _settings_problems(self) -> list[str]:
+        """The problems of every settings object given to the loop (``log``, ``health``,
+        ``checkpoint``, ``activation_checkpointing``), each line naming the field."""
+        settings = [self.log, self.health, self.checkpoint]
+        if isinstance(self.activation_checkpointing, ActivationCheckpointing):
+            settings.append(self.activation_checkpointing)
+        return [problem for each in settings if each is not None for problem in each.problems()]
 
     def _prepare_process(self) -> None:
         import deepspeed.comm as dist
