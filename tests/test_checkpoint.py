@@ -303,14 +303,13 @@ def test_resume_latest_in_an_empty_folder_starts_fresh(tmp_path):
 def test_settings_are_checked(tmp_path):
     assert CheckpointSettings().problems() == []
     bad = CheckpointSettings(keep=0, every=0, final_weights="all")  # constructing never raises
-    problems = bad.problems()
-    assert len(problems) == 3
-    assert problems[0].startswith("checkpoint.final_weights: must be True, False or \"trainable\"")
-    assert problems[1].startswith("checkpoint.every: must be a positive")
-    assert problems[2].startswith("checkpoint.keep: must be an integer >= 1")
+    expected = ["checkpoint.final_weights: must be True, False or \"trainable\", got 'all'",
+                "checkpoint.every: must be a positive number of optimizer steps or None, got 0",
+                "checkpoint.keep: must be an integer >= 1 (checkpoints to keep), got 0"]
+    assert bad.problems() == expected
     with pytest.raises(ConfigError) as info:
         Checkpointer(bad, str(tmp_path), engine=None, state=TrainState(), facts=None)
-    assert info.value.problems == problems
+    assert info.value.problems == expected
 
 
 def test_sampler_starts_at_a_global_position():
@@ -519,7 +518,7 @@ def node_local_ranks(rank, root):
     import deepspeed
     import deepspeed.comm as dist
 
-    import zeroloop.checkpoint as checkpoint_module
+    import zeroloop.saving as saving_module  # the save protocol publishes through it
 
     deepspeed.init_distributed()
     folder = os.path.join(root, f"node{rank}", "checkpoints")
@@ -539,14 +538,14 @@ def node_local_ranks(rank, root):
     # Publishing fails on machine 1 only: machine 0 takes its published step 8 back.
     loop = node_local_loop(rank, root, 8)
     if rank == 1:
-        replace_latest = checkpoint_module.replace_latest
+        replace_latest = saving_module.replace_latest
 
         def failing_replace_latest(folder, tag):
             if tag == "global_step8":
                 raise OSError(28, "No space left on device", os.path.join(folder, LATEST))
             replace_latest(folder, tag)
 
-        checkpoint_module.replace_latest = failing_replace_latest
+        saving_module.replace_latest = failing_replace_latest
     try:
         loop.train()
         publish_error = None
