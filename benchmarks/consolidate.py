@@ -159,7 +159,7 @@ def outputs_identical(ours: str, theirs_bin: str) -> bool:
     """zeroloop's safetensors against zero_to_fp32's .bin, tensor by tensor, bit for bit."""
     import torch
 
-    from zeroloop.consolidate import load_state_dict
+    from zeroloop.safetensors_io import load_state_dict
 
     mine = load_state_dict(ours)
     reference = torch.load(os.path.join(theirs_bin, "pytorch_model.bin"), mmap=True, weights_only=False)

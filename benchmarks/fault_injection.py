@@ -100,7 +100,7 @@ def slow_down_weight_writes() -> None:
     seconds = float(os.environ.get("FI_SLOW_WRITE_S", 0))
     if not seconds:
         return
-    from zeroloop.consolidate import SafetensorsWriter
+    from zeroloop.safetensors_io import SafetensorsWriter
 
     write = SafetensorsWriter.write
 
@@ -238,7 +238,8 @@ def weights_state(folder: str, reference: dict) -> str:
     """``"absent"`` (no weights to load), ``"equal"`` (the reference's, bit for bit) or ``"CORRUPT: ..."``."""
     import torch
 
-    from zeroloop.consolidate import CheckpointNotFoundError, load_state_dict
+    from zeroloop.errors import CheckpointNotFoundError
+    from zeroloop.safetensors_io import load_state_dict
 
     if not os.path.isdir(folder):
         return "absent"
@@ -272,7 +273,7 @@ def run_driver(args) -> int:
     if codes != [0, 0]:
         print(f"the reference run failed: exit codes {codes}; logs in {work}")
         return 2
-    from zeroloop.consolidate import load_state_dict
+    from zeroloop.safetensors_io import load_state_dict
 
     reference = load_state_dict(os.path.join(reference_dir, FINAL))
 

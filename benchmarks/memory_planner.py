@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from zeroloop.gpt import GPT, GPT_SIZES, GPTConfig  # noqa: E402
-from zeroloop.memory import GB, plan  # noqa: E402
+from zeroloop.memory import plan  # noqa: E402
+from zeroloop.sizes import GB  # noqa: E402
 
 MODEL = dict(GPT_SIZES["medium"], vocab_size=32768, block_size=128)  # 110.2M parameters
 MICRO_BATCH, SEQ_LEN = 2, 128

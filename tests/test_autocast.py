@@ -15,7 +15,7 @@ from zeroloop import (CheckpointError, CheckpointSettings, ConfigError, Hyperpar
 from zeroloop.autocast import (AUTOCAST_SECTION, TORCH_AUTOCAST, choose_bf16_mode, left_to_zeroloop,
                                precision_mode, with_mode)
 from zeroloop.config import resolve_config
-from zeroloop.consolidate import load_state_dict
+from zeroloop.safetensors_io import load_state_dict
 from zeroloop.memory import plan
 from zeroloop.testing import assert_matches_engine_loop, full_parameters, run_ranks, single_process, tiny_config
 

@@ -10,7 +10,7 @@ import zeroloop.compiling
 from helpers import RegressionData, make_model
 from zeroloop import CheckpointSettings, ConfigError, LogSettings, TrainerLoop, consolidate
 from zeroloop.compiling import compile_problems, compile_requested, setting_problems
-from zeroloop.consolidate import load_state_dict
+from zeroloop.safetensors_io import load_state_dict
 from zeroloop.testing import single_process, tiny_config
 
 QUIET = LogSettings(every=1, progress_bar=False)

@@ -1,11 +1,11 @@
-"""zeroloop.consolidate: DeepSpeed checkpoints to safetensors, checked against DeepSpeed's
-own zero_to_fp32 and against the trained engine's outputs.
+"""zeroloop.consolidate (zeroloop.consolidation) and the final-weights export (zeroloop.export):
+DeepSpeed checkpoints to safetensors, checked against DeepSpeed's own zero_to_fp32 and against the
+trained engine's outputs.
 
 One 2-rank run (the ``checkpoints`` fixture) trains and saves every checkpoint the tests read.
 """
 
 import contextlib
-import importlib
 import io
 import json
 import os
@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zeroloop import consolidate as consolidate_fn
+from zeroloop import consolidate
 from zeroloop.cli import main as cli_main
-from zeroloop.consolidate import (CheckpointError, CheckpointNotFoundError, INDEX_NAME, WEIGHTS_NAME,
-                                  load_state_dict, parse_size)
+from zeroloop import safetensors_io, zero_layout
+from zeroloop.errors import CheckpointError, CheckpointNotFoundError
+from zeroloop.safetensors_io import INDEX_NAME, WEIGHTS_NAME, load_state_dict, parse_shard_size
 from zeroloop.gpt import GPT
 from zeroloop.testing import run_ranks, tiny_config
 
@@ -75,7 +76,7 @@ def train_and_save(rank: int, root: str) -> dict:
 
 
 def _train_and_save(engine, rank, root, name, precision, final) -> dict:
-    from zeroloop.consolidate import save_final_weights
+    from zeroloop.export import save_final_weights
     from zeroloop.testing import full_parameters
 
     g = torch.Generator().manual_seed(rank)
@@ -136,7 +137,7 @@ def three_rank_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("stage", [1, 3])
 def test_three_ranks_match_zero_to_fp32(three_rank_checkpoints, tmp_path, stage):
     root = three_rank_checkpoints
-    result = consolidate_fn(root / f"s{stage}_fp32", tmp_path)
+    result = consolidate(root / f"s{stage}_fp32", tmp_path)
     assert result.world_size == 3 and result.stage == stage
     assert_bitwise_equal(load_state_dict(tmp_path), reference(str(root / f"s{stage}_fp32")))
 
@@ -175,7 +176,7 @@ def model_outputs(state_dict: dict, frozen: bool = False, dtype=torch.float32) -
 @pytest.mark.parametrize("name", ZERO_RUNS)
 def test_every_tensor_equals_zero_to_fp32_bit_for_bit(checkpoints, tmp_path, name):
     root, _ = checkpoints
-    result = consolidate_fn(os.path.join(root, name), tmp_path / "out")
+    result = consolidate(os.path.join(root, name), tmp_path / "out")
     assert result.stage == RUNS[name][0] and result.world_size == 2
     assert_bitwise_equal(load_state_dict(tmp_path / "out"), reference(os.path.join(root, name)))
 
@@ -183,7 +184,7 @@ def test_every_tensor_equals_zero_to_fp32_bit_for_bit(checkpoints, tmp_path, nam
 @pytest.mark.parametrize("name", ["s2_frozen", "s3_frozen"])
 def test_exclude_frozen_matches_zero_to_fp32(checkpoints, tmp_path, name):
     root, _ = checkpoints
-    consolidate_fn(os.path.join(root, name), tmp_path, exclude_frozen=True)
+    consolidate(os.path.join(root, name), tmp_path, exclude_frozen=True)
     ours = load_state_dict(tmp_path)
     assert "wpe.weight" not in ours
     assert_bitwise_equal(ours, reference(os.path.join(root, name), exclude_frozen_parameters=True))
@@ -192,7 +193,7 @@ def test_exclude_frozen_matches_zero_to_fp32(checkpoints, tmp_path, name):
 @pytest.mark.parametrize("name", [n for n, (_, precision, *_) in RUNS.items() if precision == "fp32"])
 def test_fresh_model_gives_the_trained_engines_outputs(checkpoints, tmp_path, name):
     root, outputs = checkpoints
-    consolidate_fn(os.path.join(root, name), tmp_path)
+    consolidate(os.path.join(root, name), tmp_path)
     torch.testing.assert_close(model_outputs(load_state_dict(tmp_path), frozen=RUNS[name][2]), outputs[name],
                                rtol=1e-6, atol=1e-6)
 
@@ -202,11 +203,11 @@ def test_half_precision_training_gives_fp32_masters_that_round_to_the_engines_we
                                                                                        name):
     root, engine = checkpoints
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[RUNS[name][1]]
-    consolidate_fn(os.path.join(root, name), tmp_path / "fp32")
+    consolidate(os.path.join(root, name), tmp_path / "fp32")
     masters = load_state_dict(tmp_path / "fp32")
     assert all(t.dtype == torch.float32 for t in masters.values())
     # The masters rounded to half precision are the engine's weights, and so is that dtype's output.
-    consolidate_fn(os.path.join(root, name), tmp_path / "half", dtype=RUNS[name][1])
+    consolidate(os.path.join(root, name), tmp_path / "half", dtype=RUNS[name][1])
     rounded = load_state_dict(tmp_path / "half")
     assert engine[f"{name}/params"].keys() <= rounded.keys()
     for key, weight in engine[f"{name}/params"].items():
@@ -219,7 +220,7 @@ def test_half_precision_training_gives_fp32_masters_that_round_to_the_engines_we
 @pytest.mark.parametrize("name", ["s0_bf16", "s0_fp16"])
 def test_stage0_half_precision_reads_the_fp32_masters_not_the_module(checkpoints, tmp_path, name):
     root, _ = checkpoints
-    consolidate_fn(os.path.join(root, name), tmp_path)
+    consolidate(os.path.join(root, name), tmp_path)
     masters = load_state_dict(tmp_path)
     tag = open(os.path.join(root, name, "latest")).read().strip()
     flat = torch.load(os.path.join(root, name, tag, "mp_rank_00_model_states.pt"),
@@ -231,12 +232,12 @@ def test_stage0_half_precision_reads_the_fp32_masters_not_the_module(checkpoints
 @pytest.mark.parametrize("name", [n for n, (*_, final) in RUNS.items() if final])
 def test_save_final_weights_writes_what_consolidate_writes(checkpoints, tmp_path, name):
     root, _ = checkpoints
-    consolidate_fn(os.path.join(root, name), tmp_path)
+    consolidate(os.path.join(root, name), tmp_path)
     assert_bitwise_equal(load_state_dict(os.path.join(root, "final", name)), load_state_dict(tmp_path))
 
 
 def test_save_final_weights_of_a_plain_module(tmp_path):
-    from zeroloop.consolidate import save_final_weights
+    from zeroloop.export import save_final_weights
 
     model = build_model(frozen=True)
     result = save_final_weights(model, tmp_path, max_shard_size="4KB")
@@ -251,7 +252,7 @@ def test_save_final_weights_of_a_plain_module(tmp_path):
 
 def test_tied_weight_is_stored_once_and_restored(checkpoints, tmp_path):
     root, _ = checkpoints
-    result = consolidate_fn(os.path.join(root, "s3_fp32"), tmp_path)
+    result = consolidate(os.path.join(root, "s3_fp32"), tmp_path)
     assert result.ties == {"lm_head.weight": "wte.weight"}
     with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as f:
         assert "lm_head.weight" not in f.keys() and "wte.weight" in f.keys()
@@ -263,11 +264,9 @@ def test_tied_weight_is_stored_once_and_restored(checkpoints, tmp_path):
 
 
 def test_small_max_shard_size_writes_shards_and_an_index(checkpoints, tmp_path, monkeypatch):
-    zc = importlib.import_module("zeroloop.consolidate")  # the module; zeroloop.consolidate is the function
-
     root, _ = checkpoints
-    monkeypatch.setattr(zc, "CHUNK_NUMEL", 100)  # several chunks per piece, as with large models
-    result = consolidate_fn(os.path.join(root, "s3_fp32"), tmp_path, max_shard_size="4KB")
+    monkeypatch.setattr(zero_layout, "CHUNK_NUMEL", 100)  # several chunks per piece, as with large models
+    result = consolidate(os.path.join(root, "s3_fp32"), tmp_path, max_shard_size="4KB")
     assert len(result.files) > 2 and result.files[0] == f"model-00001-of-{len(result.files):05d}.safetensors"
     assert not (tmp_path / WEIGHTS_NAME).exists()
     index = json.loads((tmp_path / INDEX_NAME).read_text())
@@ -284,16 +283,16 @@ def test_small_max_shard_size_writes_shards_and_an_index(checkpoints, tmp_path, 
 
 def test_rerun_replaces_earlier_weights_and_keeps_other_files(checkpoints, tmp_path):
     root, _ = checkpoints
-    consolidate_fn(os.path.join(root, "s1_fp32"), tmp_path, max_shard_size="4KB")
+    consolidate(os.path.join(root, "s1_fp32"), tmp_path, max_shard_size="4KB")
     (tmp_path / "config.json").write_text("{}")
-    consolidate_fn(os.path.join(root, "s1_fp32"), tmp_path)
+    consolidate(os.path.join(root, "s1_fp32"), tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", WEIGHTS_NAME]
 
 
 def test_tag_folder_and_explicit_tag_read_the_same_weights(checkpoints, tmp_path):
     root, _ = checkpoints
-    consolidate_fn(os.path.join(root, "s2_fp32", "global_step2"), tmp_path / "a")
-    consolidate_fn(os.path.join(root, "s2_fp32"), tmp_path / "b", tag="global_step2")
+    consolidate(os.path.join(root, "s2_fp32", "global_step2"), tmp_path / "a")
+    consolidate(os.path.join(root, "s2_fp32"), tmp_path / "b", tag="global_step2")
     assert_bitwise_equal(load_state_dict(tmp_path / "a"), load_state_dict(tmp_path / "b"))
 
 
@@ -312,9 +311,9 @@ def test_cli_writes_weights(checkpoints, tmp_path, capsys):
 
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="not a DeepSpeed checkpoint folder.*latest"):
-        consolidate_fn(tmp_path, tmp_path / "out")
+        consolidate(tmp_path, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        consolidate_fn(tmp_path / "missing", tmp_path / "out")
+        consolidate(tmp_path / "missing", tmp_path / "out")
 
 
 def test_missing_rank_file_names_it_and_the_count(checkpoints, tmp_path):
@@ -325,7 +324,7 @@ def test_missing_rank_file_names_it_and_the_count(checkpoints, tmp_path):
         shutil.copytree(os.path.join(root, name), broken)
         os.remove(broken / "global_step2" / victim)
         with pytest.raises(CheckpointNotFoundError, match=f"missing 1 of 2 rank files: {victim}"):
-            consolidate_fn(broken, tmp_path / "out")
+            consolidate(broken, tmp_path / "out")
         assert not (tmp_path / "out").exists()
 
 
@@ -337,13 +336,13 @@ def test_rank_files_of_a_larger_run_are_refused(checkpoints, tmp_path):
     shutil.copy(tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
                 tag_dir / "zero_pp_rank_2_mp_rank_00_optim_states.pt")  # left over from a 3-rank run
     with pytest.raises(CheckpointError, match="ranks up to 2, but the checkpoint was written by 2 ranks"):
-        consolidate_fn(mixed, tmp_path / "out")
+        consolidate(mixed, tmp_path / "out")
 
 
 def test_unknown_tag_lists_the_tags(checkpoints, tmp_path):
     root, _ = checkpoints
     with pytest.raises(CheckpointNotFoundError, match="tag 'global_step9'.*global_step2"):
-        consolidate_fn(os.path.join(root, "s1_fp32"), tmp_path, tag="global_step9")
+        consolidate(os.path.join(root, "s1_fp32"), tmp_path, tag="global_step9")
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -354,7 +353,7 @@ def test_unknown_tag_lists_the_tags(checkpoints, tmp_path):
 def test_bad_arguments(checkpoints, tmp_path, kwargs, match):
     root, _ = checkpoints
     with pytest.raises(CheckpointError, match=match):
-        consolidate_fn(os.path.join(root, "s1_fp32"), tmp_path / "out", **kwargs)
+        consolidate(os.path.join(root, "s1_fp32"), tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
 
 
@@ -363,14 +362,12 @@ def test_unwritable_output_folder(checkpoints, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(CheckpointError, match="cannot write the output folder.*a_file"):
-        consolidate_fn(os.path.join(root, "s1_fp32"), blocker / "out")
+        consolidate(os.path.join(root, "s1_fp32"), blocker / "out")
     with pytest.raises(CheckpointError, match="is an existing file"):
-        consolidate_fn(os.path.join(root, "s1_fp32"), blocker)
+        consolidate(os.path.join(root, "s1_fp32"), blocker)
 
 
 def test_failed_run_leaves_no_output(checkpoints, tmp_path, monkeypatch):
-    zc = importlib.import_module("zeroloop.consolidate")  # the module; zeroloop.consolidate is the function
-
     root, _ = checkpoints
     calls = []
 
@@ -380,10 +377,10 @@ def test_failed_run_leaves_no_output(checkpoints, tmp_path, monkeypatch):
             raise OSError("disk full")
         return original(self, *args)
 
-    original = zc.SafetensorsWriter.write
-    monkeypatch.setattr(zc.SafetensorsWriter, "write", fail_on_third_write)
+    original = safetensors_io.SafetensorsWriter.write
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", fail_on_third_write)
     with pytest.raises(OSError, match="disk full"):
-        consolidate_fn(os.path.join(root, "s3_fp32"), tmp_path / "out", max_shard_size="4KB")
+        consolidate(os.path.join(root, "s3_fp32"), tmp_path / "out", max_shard_size="4KB")
     assert os.listdir(tmp_path) == []  # neither the output nor the staging folder
 
 
@@ -392,21 +389,22 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert "not a DeepSpeed checkpoint folder" in capsys.readouterr().err
 
 
-def test_parse_size_units():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("2GiB") == 2 * 2**30
-    assert parse_size("1.5MB") == 1_500_000
-    assert parse_size(4096) == 4096
+def test_shard_size_units():
+    assert parse_shard_size("5GB") == 5 * 10**9
+    assert parse_shard_size("2GiB") == 2 * 2**30
+    assert parse_shard_size("1.5MB") == 1_500_000
+    assert parse_shard_size(4096) == 4096
 
 
 class _Crash(BaseException):
-    """A crash at a chosen point of _publish (not an OSError: nothing may handle it)."""
+    """A crash at a chosen point of publish (not an OSError: nothing may handle it)."""
 
 
 @pytest.mark.parametrize("before,after", [("single", "single"), ("sharded", "sharded"), ("single", "sharded"),
                                           ("sharded", "single")])
 def test_a_crash_while_publishing_leaves_the_earlier_or_the_new_weights(tmp_path, monkeypatch, before, after):
-    from zeroloop.consolidate import _publish, save_final_weights
+    from zeroloop.export import save_final_weights
+    from zeroloop.safetensors_io import publish
 
     shard_size = {"single": "5GB", "sharded": "4KB"}
     save_final_weights(build_model(frozen=False), tmp_path / "earlier", max_shard_size=shard_size[before])
@@ -430,13 +428,13 @@ def test_a_crash_while_publishing_leaves_the_earlier_or_the_new_weights(tmp_path
 
     monkeypatch.setattr(os, "replace", counted(replace))
     monkeypatch.setattr(os, "remove", counted(remove))
-    while True:  # crash after 0, 1, 2, ... changes, until _publish runs to the end
+    while True:  # crash after 0, 1, 2, ... changes, until publish runs to the end
         out, staging = tmp_path / f"out{crash_after}", tmp_path / f"staging{crash_after}"
         shutil.copytree(tmp_path / "earlier", out)
         shutil.copytree(tmp_path / "new", staging)
         changes.clear()
         try:
-            _publish(str(staging), out)
+            publish(str(staging), out)
             finished = True
         except _Crash:
             finished = False

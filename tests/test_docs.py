@@ -46,8 +46,8 @@ def resolve(dotted: str):
 
 
 def resolve_attribute(dotted: str):
-    """Like :func:`resolve`, but attributes first: ``zeroloop.consolidate`` is the function
-    the package exports, not the module of the same name."""
+    """Like :func:`resolve`, but attributes first: a name a package exports wins over a
+    submodule of the same name."""
     parts = dotted.split(".")
     obj = importlib.import_module(parts[0])
     for i, attr in enumerate(parts[1:], 1):

@@ -2,7 +2,6 @@
 ZeroloopError, and subclasses the builtin its callers catch."""
 
 import ast
-import pkgutil
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,16 @@ PACKAGE = Path(zeroloop.__file__).parent
 
 def exception_classes_defined_outside_errors():
     found = []
-    for module in pkgutil.iter_modules([str(PACKAGE)]):
-        if module.name == "errors":
+    for path in sorted(PACKAGE.rglob("*.py")):  # subpackages (zeroloop.memory) too
+        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        if name == "errors":
             continue
-        tree = ast.parse((PACKAGE / f"{module.name}.py").read_text())
+        tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef) and any(
                     getattr(base, "id", "").endswith(("Error", "Exception", "Failure", "Timeout"))
                     for base in node.bases):
-                found.append(f"{module.name}.{node.name}")
+                found.append(f"{name}.{node.name}")
     return found
 
 

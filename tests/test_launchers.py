@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from zeroloop import consolidate
-from zeroloop.consolidate import load_state_dict
+from zeroloop.safetensors_io import load_state_dict
 from zeroloop.checkpoint import LATEST, MANIFEST, rank_file, read_manifest
 from zeroloop.runtime import available_cores, free_port
 from zeroloop.testing import choose_rank_device, remove_shm_buffers

@@ -13,7 +13,9 @@ from torch import nn
 import zeroloop
 from zeroloop.cli import main
 from zeroloop.config import ConfigError
-from zeroloop.memory import (GB, GiB, PREFERENCE, count_parameters, parse_size, plan, preflight)
+from zeroloop.memory import count_parameters, plan, preflight
+from zeroloop.memory.advice import PREFERENCE
+from zeroloop.sizes import GB, GiB, parse_size
 
 # The paper's Figure 1: 7.5B parameters, N = 64, mixed-precision Adam (K = 12).
 FIGURE_1 = {"ddp": 120.0, "zero1": 31.4, "zero2": 16.6, "zero3": 1.9}

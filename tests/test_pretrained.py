@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from zeroloop import LogSettings, TrainerLoop
+from zeroloop import LogSettings, TrainerLoop, consolidate
 from zeroloop.checkpoint import CheckpointSettings
-from zeroloop.consolidate import consolidate, load_state_dict
+from zeroloop.safetensors_io import load_state_dict
 from zeroloop.pretrained import copy_pretrained_configs, save_pretrained_configs
 from zeroloop.testing import full_parameters, run_ranks, tiny_config
 

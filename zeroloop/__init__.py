@@ -13,7 +13,7 @@ quiet.install()
 from .activation import ActivationCheckpointing  # noqa: E402
 from .checkpoint import CheckpointSettings  # noqa: E402
 from .config import Hyperparameters, resolve_config  # noqa: E402
-from .consolidate import consolidate  # noqa: E402
+from .consolidation import consolidate  # noqa: E402
 from .data import PerRankBatches  # noqa: E402
 from .errors import CheckpointError, ConfigError, NumericalHealthError, ZeroloopError  # noqa: E402
 from .loop import TrainerLoop  # noqa: E402

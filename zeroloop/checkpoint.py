@@ -345,7 +345,7 @@ class Checkpointer(SaveProtocol):
             log.info("stopped before the end of training: no final weights are written now (the run that "
                      "resumes and ends writes them)")
         elif self.settings.final_weights:
-            from .consolidate import save_final_weights
+            from .export import save_final_weights
 
             save_final_weights(self.engine, os.path.join(self.output_dir, "final"),
                                exclude_frozen=self.settings.final_weights == "trainable", progress=progress)

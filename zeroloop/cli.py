@@ -141,7 +141,8 @@ def run_plan(args: argparse.Namespace) -> int:
     import contextlib
 
     from .config import load_config
-    from .memory import parse_count, plan
+    from .memory import plan
+    from .sizes import parse_count
 
     try:
         # DeepSpeed logs to stdout when first imported; keep stdout for the plan (--json).
@@ -188,7 +189,7 @@ def add_consolidate_command(commands) -> None:
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
-    from .consolidate import consolidate
+    from .consolidation import consolidate
 
     result = consolidate(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
                          max_shard_size=args.max_shard_size, exclude_frozen=args.exclude_frozen,

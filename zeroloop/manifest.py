@@ -174,6 +174,15 @@ def read_checkpoint(tag_dir: str) -> dict[str, Any]:
     return read_manifest(tag_dir)
 
 
+def read_latest(folder: str) -> str | None:
+    """The tag ``folder/latest`` names, or None when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(folder, LATEST), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _newest_complete(folder: str, explicit: bool) -> str | None:
     """What ``latest`` names when complete; otherwise the newest complete checkpoint, with a warning."""
     latest_path = os.path.join(folder, LATEST)
@@ -207,4 +216,5 @@ def _checked(tag_dir: str, named_by: str) -> str:
     return tag_dir
 
 
-__all__ = ["CheckpointError", "find_checkpoint", "list_checkpoints", "read_checkpoint", "read_manifest"]
+__all__ = ["CheckpointError", "find_checkpoint", "list_checkpoints", "read_checkpoint", "read_latest",
+           "read_manifest"]

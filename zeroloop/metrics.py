@@ -1,4 +1,7 @@
-"""What people see during a run: a progress bar and ``metrics.jsonl``, both on rank 0 only."""
+"""What people see during a run: a progress bar and ``metrics.jsonl``, both on rank 0 only.
+
+The same progress bar counts the bytes :func:`zeroloop.consolidate` and the final-weights
+export write."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from tqdm.auto import tqdm
 
 
 class ProgressBar:
-    """A tqdm bar over optimizer steps on rank 0; does nothing on other ranks.
+    """A tqdm bar over optimizer steps on rank 0 (or over bytes written: :meth:`over_bytes`);
+    does nothing when disabled. A context manager that closes the bar on exit.
 
     Args:
         total: optimizer steps in the run, or None when unknown.
@@ -19,9 +23,20 @@ class ProgressBar:
         enabled: False on ranks other than 0, or when the user turned it off.
     """
 
-    def __init__(self, total: int | None, initial: int = 0, enabled: bool = True):
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                        desc="train") if enabled else None
+    def __init__(self, total: int | None, initial: int = 0, enabled: bool = True, **tqdm_args: Any):
+        tqdm_args = {"unit": "step", "desc": "train", **tqdm_args}
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, **tqdm_args) if enabled else None
+
+    @classmethod
+    def over_bytes(cls, total_bytes: int, desc: str, enabled: bool = True) -> "ProgressBar":
+        """A bar over ``total_bytes`` bytes, shown in KiB/MiB/GiB (powers of 1024)."""
+        return cls(total_bytes, enabled=enabled, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def update(self, steps: int, metrics: dict[str, Any] | None = None) -> None:
         if self.bar is None:

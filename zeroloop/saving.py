@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import CheckpointError
-from .manifest import DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, RANK_FILE, TMP_SUFFIX, list_checkpoints, rank_file
+from .manifest import (DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, RANK_FILE, TMP_SUFFIX, list_checkpoints,
+                       rank_file, read_latest)
 from .pretrained import save_pretrained_configs
 from .rng import rng_state
 from .universal import universal_sibling
@@ -80,15 +81,6 @@ def folder_files(folder: str) -> dict[str, int]:
             path = os.path.join(root, name)
             found[os.path.relpath(path, folder)] = os.path.getsize(path)
     return dict(sorted(found.items()))
-
-
-def read_latest(folder: str) -> str | None:
-    """The tag ``folder/latest`` names, or None when there is none or it cannot be read."""
-    try:
-        with open(os.path.join(folder, LATEST), encoding="utf-8") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
 
 
 def attempt(write: Callable[..., Any], *args: Any) -> str | None:

@@ -16,7 +16,7 @@ checkpoint stores every trained parameter whole, one folder per parameter::
 and DeepSpeed's ZeRO 1-3 optimizers load it into any world size (each rank cuts its own
 partition; :mod:`zeroloop.universal_load`). :func:`convert_to_universal` writes it from a checkpoint of any stage 0-3,
 precision and world size. It reads the source through the consolidation reader
-(:func:`zeroloop.consolidate.read_layout`): every file memory-mapped, one parameter
+(:func:`zeroloop.zero_layout.read_layout`): every file memory-mapped, one parameter
 assembled at a time, its pages dropped once copied, so the peak memory is the largest
 parameter on top of the interpreter, whatever the model's size. DeepSpeed's own
 ``ds_to_universal`` loads whole rank files in several worker processes and writes every
@@ -41,9 +41,10 @@ from typing import Any, Callable
 
 import torch
 
-from .consolidate import (MODEL_FILE, OPTIMIZER_STATE, ZERO3_FP32_GROUPS, ZERO3_MODEL_FILE, ZERO12_FP32_GROUPS, Piece,
-                          _chunks, _drop_pages, _load, _lookup, _model_file, read_layout)
 from .errors import CheckpointError
+from .zero_layout import (MODEL_FILE, OPTIM_FILE_RE, OPTIMIZER_STATE, ZERO3_FP32_GROUPS, ZERO3_MODEL_FILE,
+                          ZERO12_FP32_GROUPS, Piece, chunks, drop_pages, find_model_file, load_mapped, lookup,
+                          read_layout)
 
 log = logging.getLogger("zeroloop")
 
@@ -95,11 +96,11 @@ class _Files:
 
     def get(self, path: str) -> Any:
         if path not in self.loaded:
-            self.loaded[path] = _load(path)
+            self.loaded[path] = load_mapped(path)
         return self.loaded[path]
 
     def tensor(self, piece: Piece) -> torch.Tensor:
-        return _lookup(self.get(piece.file), piece.keys)
+        return lookup(self.get(piece.file), piece.keys)
 
 
 # --- the conversion ------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def plan_universal(tag_dir: str) -> UniversalPlan:
     """
     layout = read_layout(tag_dir)
     files = _Files()
-    meta = files.get(_model_file(tag_dir))
+    meta = files.get(find_model_file(tag_dir))
     buffers = set(meta.get("buffer_names") or ())
     frozen = set(meta.get("frozen_param_shapes") or ())
     trained = [e for e in layout.entries if e.name not in buffers and e.name not in frozen]
@@ -261,7 +262,7 @@ def _moment_pieces(files: _Files, pieces: list[Piece], moment: str, index: int) 
 
 def _lookup_or_none(state: Any, keys: tuple) -> Any:
     try:
-        return _lookup(state, keys)
+        return lookup(state, keys)
     except (KeyError, IndexError, TypeError):
         return None
 
@@ -294,8 +295,6 @@ def _optimizer_state(files: _Files, tag_dir: str, meta: dict, stage: int, step: 
 
 
 def _first_optim_file(tag_dir: str) -> str:
-    from .consolidate import OPTIM_FILE_RE
-
     names = sorted((int(m.group(1)), name) for name in os.listdir(tag_dir) if (m := OPTIM_FILE_RE.match(name)))
     return os.path.join(tag_dir, names[0][1])
 
@@ -373,9 +372,9 @@ def _assemble(files: _Files, param: UniversalParam, pieces: list[Piece] | None) 
     out = torch.empty(param.numel, dtype=dtype)
     for piece in pieces:
         source = files.tensor(piece).reshape(-1)
-        for start, chunk in _chunks(source, piece.src_offset, piece.numel):
+        for start, chunk in chunks(source, piece.src_offset, piece.numel):
             out.narrow(0, piece.dst_offset + start, chunk.numel()).copy_(chunk)
-            _drop_pages(chunk)
+            drop_pages(chunk)
         _drop_storage(source)
     return out.view(param.shape)
 
@@ -390,7 +389,7 @@ def _drop_storage(source: torch.Tensor) -> None:
     """
     storage = source.untyped_storage()
     if storage.nbytes():
-        _drop_pages(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)))
+        drop_pages(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)))
 
 
 def _save(folder: str, name: str, value: Any) -> str:
