@@ -1,4 +1,5 @@
-"""Small models and data shared by zeroloop's own tests (module-level, so ranks can pickle them)."""
+"""Small models, data and autograd functions shared by zeroloop's own tests (module-level, so ranks can
+pickle them)."""
 
 import torch
 from torch import nn
@@ -30,6 +31,18 @@ class MLPRegressor(nn.Module):
     def forward(self, x, y=None):
         out = self.net(x)
         return out if y is None else nn.functional.mse_loss(out.float(), y.float())
+
+
+class GradBomb(torch.autograd.Function):
+    """Identity forward; infinite gradients backward (an injected fp16 overflow)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
 
 
 def make_model(seed: int = 0, **kwargs) -> MLPRegressor:

@@ -23,7 +23,6 @@ from zeroloop.safetensors_io import INDEX_NAME, WEIGHTS_NAME, load_state_dict, p
 from zeroloop.gpt import GPT
 from zeroloop.testing import run_ranks, tiny_config
 
-pytestmark = pytest.mark.multirank
 
 # Odd widths on purpose: ZeRO-3 then pads parameters and ZeRO-1/2 pad the groups.
 GPT_ARGS = dict(n_layer=1, n_head=3, n_embd=15, block_size=8)
@@ -134,6 +133,7 @@ def three_rank_checkpoints(tmp_path_factory):
     return root
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("stage", [1, 3])
 def test_three_ranks_match_zero_to_fp32(three_rank_checkpoints, tmp_path, stage):
     root = three_rank_checkpoints
@@ -173,6 +173,7 @@ def model_outputs(state_dict: dict, frozen: bool = False, dtype=torch.float32) -
 # --- exactness ----------------------------------------------------------------------------
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("name", ZERO_RUNS)
 def test_every_tensor_equals_zero_to_fp32_bit_for_bit(checkpoints, tmp_path, name):
     root, _ = checkpoints
@@ -181,6 +182,7 @@ def test_every_tensor_equals_zero_to_fp32_bit_for_bit(checkpoints, tmp_path, nam
     assert_bitwise_equal(load_state_dict(tmp_path / "out"), reference(os.path.join(root, name)))
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("name", ["s2_frozen", "s3_frozen"])
 def test_exclude_frozen_matches_zero_to_fp32(checkpoints, tmp_path, name):
     root, _ = checkpoints
@@ -190,6 +192,7 @@ def test_exclude_frozen_matches_zero_to_fp32(checkpoints, tmp_path, name):
     assert_bitwise_equal(ours, reference(os.path.join(root, name), exclude_frozen_parameters=True))
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("name", [n for n, (_, precision, *_) in RUNS.items() if precision == "fp32"])
 def test_fresh_model_gives_the_trained_engines_outputs(checkpoints, tmp_path, name):
     root, outputs = checkpoints
@@ -198,6 +201,7 @@ def test_fresh_model_gives_the_trained_engines_outputs(checkpoints, tmp_path, na
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("name", [n for n, (_, precision, *_) in RUNS.items() if precision != "fp32"])
 def test_half_precision_training_gives_fp32_masters_that_round_to_the_engines_weights(checkpoints, tmp_path,
                                                                                        name):
@@ -217,6 +221,7 @@ def test_half_precision_training_gives_fp32_masters_that_round_to_the_engines_we
     model_outputs(rounded, dtype=half)  # loads strict
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("name", ["s0_bf16", "s0_fp16"])
 def test_stage0_half_precision_reads_the_fp32_masters_not_the_module(checkpoints, tmp_path, name):
     root, _ = checkpoints
@@ -229,6 +234,7 @@ def test_stage0_half_precision_reads_the_fp32_masters_not_the_module(checkpoints
     assert torch.equal(torch.cat([t.reshape(-1) for t in stored]), flat.detach())
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("name", [n for n, (*_, final) in RUNS.items() if final])
 def test_save_final_weights_writes_what_consolidate_writes(checkpoints, tmp_path, name):
     root, _ = checkpoints
@@ -250,6 +256,7 @@ def test_save_final_weights_of_a_plain_module(tmp_path):
 # --- format ---------------------------------------------------------------------------------
 
 
+@pytest.mark.multirank
 def test_tied_weight_is_stored_once_and_restored(checkpoints, tmp_path):
     root, _ = checkpoints
     result = consolidate(os.path.join(root, "s3_fp32"), tmp_path)
@@ -263,6 +270,7 @@ def test_tied_weight_is_stored_once_and_restored(checkpoints, tmp_path):
     assert list(state_dict) == [k for k in expected if k != "lm_head.weight"] + ["lm_head.weight"]
 
 
+@pytest.mark.multirank
 def test_small_max_shard_size_writes_shards_and_an_index(checkpoints, tmp_path, monkeypatch):
     root, _ = checkpoints
     monkeypatch.setattr(zero_layout, "CHUNK_NUMEL", 100)  # several chunks per piece, as with large models
@@ -281,6 +289,7 @@ def test_small_max_shard_size_writes_shards_and_an_index(checkpoints, tmp_path, 
     assert_bitwise_equal(load_state_dict(tmp_path), reference(os.path.join(root, "s3_fp32")))
 
 
+@pytest.mark.multirank
 def test_rerun_replaces_earlier_weights_and_keeps_other_files(checkpoints, tmp_path):
     root, _ = checkpoints
     consolidate(os.path.join(root, "s1_fp32"), tmp_path, max_shard_size="4KB")
@@ -289,6 +298,7 @@ def test_rerun_replaces_earlier_weights_and_keeps_other_files(checkpoints, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["config.json", WEIGHTS_NAME]
 
 
+@pytest.mark.multirank
 def test_tag_folder_and_explicit_tag_read_the_same_weights(checkpoints, tmp_path):
     root, _ = checkpoints
     consolidate(os.path.join(root, "s2_fp32", "global_step2"), tmp_path / "a")
@@ -296,6 +306,7 @@ def test_tag_folder_and_explicit_tag_read_the_same_weights(checkpoints, tmp_path
     assert_bitwise_equal(load_state_dict(tmp_path / "a"), load_state_dict(tmp_path / "b"))
 
 
+@pytest.mark.multirank
 def test_cli_writes_weights(checkpoints, tmp_path, capsys):
     root, _ = checkpoints
     code = cli_main(["consolidate", os.path.join(root, "s2_bf16"), str(tmp_path), "--dtype", "fp16",
@@ -316,6 +327,7 @@ def test_not_a_checkpoint_folder(tmp_path):
         consolidate(tmp_path / "missing", tmp_path / "out")
 
 
+@pytest.mark.multirank
 def test_missing_rank_file_names_it_and_the_count(checkpoints, tmp_path):
     root, _ = checkpoints
     for name, victim in [("s2_fp32", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
@@ -328,6 +340,7 @@ def test_missing_rank_file_names_it_and_the_count(checkpoints, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.multirank
 def test_rank_files_of_a_larger_run_are_refused(checkpoints, tmp_path):
     root, _ = checkpoints
     mixed = tmp_path / "mixed"
@@ -339,6 +352,7 @@ def test_rank_files_of_a_larger_run_are_refused(checkpoints, tmp_path):
         consolidate(mixed, tmp_path / "out")
 
 
+@pytest.mark.multirank
 def test_unknown_tag_lists_the_tags(checkpoints, tmp_path):
     root, _ = checkpoints
     with pytest.raises(CheckpointNotFoundError, match="tag 'global_step9'.*global_step2"):
@@ -350,6 +364,7 @@ def test_unknown_tag_lists_the_tags(checkpoints, tmp_path):
     (dict(max_shard_size="5 parsecs"), "cannot read '5 parsecs' as a size"),
     (dict(max_shard_size=0), "at least 1 byte"),
 ])
+@pytest.mark.multirank
 def test_bad_arguments(checkpoints, tmp_path, kwargs, match):
     root, _ = checkpoints
     with pytest.raises(CheckpointError, match=match):
@@ -357,6 +372,7 @@ def test_bad_arguments(checkpoints, tmp_path, kwargs, match):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.multirank
 def test_unwritable_output_folder(checkpoints, tmp_path):
     root, _ = checkpoints
     blocker = tmp_path / "a_file"
@@ -367,6 +383,7 @@ def test_unwritable_output_folder(checkpoints, tmp_path):
         consolidate(os.path.join(root, "s1_fp32"), blocker)
 
 
+@pytest.mark.multirank
 def test_failed_run_leaves_no_output(checkpoints, tmp_path, monkeypatch):
     root, _ = checkpoints
     calls = []

@@ -3,6 +3,7 @@
 import json
 import os
 
+import deepspeed
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from zeroloop import ConfigError, Hyperparameters, LogSettings, TrainerLoop, run
 from zeroloop.corpus import ByteCorpus, read_corpus
 from zeroloop.data import count_rows, count_tokens, move_to_device
 from zeroloop.gpt import GPT
-from zeroloop.testing import single_process, tiny_config
+from zeroloop.testing import engine_loop, single_process, tiny_config
 
 QUIET = LogSettings(every=1, progress_bar=False)
 
@@ -41,15 +42,30 @@ class HFStyle(nn.Module):
         return type("Output", (), {"loss": self.inner(x, y)})()
 
 
-def test_default_loss_from_hf_style_output(tmp_path):
+def make_hf_style():
     torch.manual_seed(0)
-    _, summary = train_one_rank(HFStyle(), train_data=RegressionData(), output_dir=tmp_path)
-    assert summary.steps == 2 and summary.final_loss > 0
+    return HFStyle()
+
+
+def assert_losses_are_the_hand_loops(summary, make, data, loss=None):
+    """The logged losses are those of the hand-written engine loop on the same model and data
+    (one micro-batch a step: each step's loss is that micro-batch's)."""
+    with single_process():
+        deepspeed.init_distributed()
+        reference = engine_loop(make(), tiny_config(), data, summary.steps, loss=loss).micro_losses
+    assert summary.steps == 2 and len(reference) == 2
+    assert [record["loss"] for record in summary.history] == reference
+    assert summary.final_loss == reference[-1]
+
+
+def test_default_loss_from_hf_style_output(tmp_path):
+    _, summary = train_one_rank(make_hf_style(), train_data=RegressionData(), output_dir=tmp_path)
+    assert_losses_are_the_hand_loops(summary, make_hf_style, RegressionData())
 
 
 def test_default_loss_from_scalar_output(tmp_path):
     _, summary = train_one_rank(make_model(), train_data=RegressionData(), output_dir=tmp_path)
-    assert summary.steps == 2 and summary.final_loss > 0
+    assert_losses_are_the_hand_loops(summary, make_model, RegressionData())
 
 
 def test_default_loss_from_inputs_targets_and_loss_fn(tmp_path):
@@ -57,7 +73,8 @@ def test_default_loss_from_inputs_targets_and_loss_fn(tmp_path):
     pairs = TensorDataset(data.x, data.y)
     _, summary = train_one_rank(make_model(), train_data=pairs, loss_fn=nn.functional.mse_loss,
                                 output_dir=tmp_path)
-    assert summary.steps == 2 and summary.final_loss > 0
+    assert_losses_are_the_hand_loops(summary, make_model, pairs,
+                                     loss=lambda engine, batch: nn.functional.mse_loss(engine(batch[0]), batch[1]))
 
 
 def test_model_without_loss_says_how_to_fix(tmp_path):

@@ -313,9 +313,24 @@ def test_preflight_names_the_option_that_would_fit():
     assert "ZeRO-2 (Pos+g) would" in message and '"stage": 2' in message
 
 
-def test_preflight_reads_the_memory_it_can_see():
-    message = preflight(TiedLM(), {"zero_optimization": {"stage": 2}}, world_size=2)
-    assert message is None  # a 0.1M-parameter model fits any machine this runs on
+def test_preflight_reads_the_memory_it_can_see(monkeypatch):
+    model, cfg = TiedLM(), {"zero_optimization": {"stage": 2}}
+    need = plan(model, world_size=2, ds_config=cfg)["zero2"].device_total
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    # On a GPU: free memory plus what this process holds, faked on both sides of the need.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *args: need // 4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args: (need - need // 4, 80 * GB))
+    assert preflight(model, cfg, world_size=2) is None  # exactly the need
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args: (need - need // 4 - 1, 80 * GB))
+    message = preflight(model, cfg, world_size=2)
+    assert message.startswith("memory pre-flight: ZeRO-2") and "is available" in message
+    # On a CPU: the host's MemAvailable, which this machine's figure decides.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with open("/proc/meminfo", encoding="ascii") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    message = preflight(model, cfg, world_size=2)
+    assert (message is None) == (need <= available), (need, available, message)
 
 
 # --- parsing, errors ---------------------------------------------------------------------------

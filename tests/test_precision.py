@@ -11,25 +11,12 @@ import deepspeed
 import pytest
 import torch
 
-from helpers import RegressionData, make_model
+from helpers import GradBomb, RegressionData, make_model
 from zeroloop import ConfigError, HealthPolicy, LogSettings, NumericalHealthError, TrainerLoop
 from zeroloop.testing import fp16_on_cpu, full_parameters, run_ranks, single_process, tiny_config
 
-pytestmark = pytest.mark.multirank
 STEPS = 7
 OVERFLOW_STEPS = (2, 3)
-
-
-class GradBomb(torch.autograd.Function):
-    """Identity forward; infinite gradients backward (an injected fp16 overflow)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
 
 
 class Injecting(TrainerLoop):
@@ -87,6 +74,7 @@ def injected_overflows(rank, stage):
 EXPECTED_SCALES = {0: [256, 128, 64, 64, 64, 64, 128], "zero": [256, 256, 128, 128, 128, 128, 256]}
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_injected_overflow_skips_the_step_on_every_rank(stage):
     for metrics, history, unchanged, skipped in run_ranks(injected_overflows, 2, stage):
@@ -124,6 +112,7 @@ def health_policies(rank):
     return outcome
 
 
+@pytest.mark.multirank
 def test_health_policy_stops_before_deepspeed_and_warn_keeps_going():
     for outcome in run_ranks(health_policies, 2):
         persistent = outcome["persistent"]
@@ -165,6 +154,7 @@ def non_finite_skip(rank, precision, stage):
     return summary.steps, summary.skipped_micro_batches, loop.weights[-1], summary.final_loss, persistent
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("precision, stage", [("fp32", 0), ("bf16", 2)])
 def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(precision, stage):
     (one_rank_0, both_0), (one_rank_1, both_1) = run_ranks(non_finite_raise, 2, precision, stage, timeout=180)
@@ -173,6 +163,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(precis
     assert both_0 == both_1 and "micro-batch 1 of the epoch, on ranks 0, 1." in both_0
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("precision, stage", [("fp32", 0), ("bf16", 2)])
 def test_non_finite_loss_is_skipped_on_every_rank_in_step(precision, stage):
     results = run_ranks(non_finite_skip, 2, precision, stage)
@@ -227,6 +218,7 @@ def fp16_resume(rank, root):
     return scales
 
 
+@pytest.mark.multirank
 def test_fp16_resume_continues_with_the_saved_scale(tmp_path):
     for scales in run_ranks(fp16_resume, 2, str(tmp_path)):
         # The straight run's scale history, split at the checkpoint after step 4: the

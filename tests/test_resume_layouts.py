@@ -16,9 +16,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from helpers import RegressionData, make_model
 
+from helpers import GradBomb, RegressionData, make_model
 from zeroloop import Hyperparameters, LogSettings, TrainerLoop
 from zeroloop.checkpoint import CheckpointSettings, read_manifest
 from zeroloop.testing import fp16_on_cpu, full_parameters, run_ranks, tiny_config
@@ -70,18 +69,6 @@ def layout_config(stage, precision, offload, root):
             config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": os.path.join(root, "nvme"),
                                                             "pin_memory": True}
     return config
-
-
-class GradBomb(torch.autograd.Function):
-    """Identity forward; infinite gradients backward (an injected fp16 overflow)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
 
 
 class LayoutLoop(TrainerLoop):

@@ -29,21 +29,31 @@ def problems_of(config, **kwargs):
     return []
 
 
+def optimizer(kind, **params):
+    """The base config with an optimizer section of this type and these parameters."""
+    return base(optimizer={"type": kind, "params": params})
+
+
+def scheduler(kind, **params):
+    """The base config with a scheduler section of this type and these parameters."""
+    return base(scheduler={"type": kind, "params": params})
+
+
 OFFLOAD = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
 
 # The examples of issue 16's "Why" list: each was a raw DeepSpeed or torch error inside
 # deepspeed.initialize or at the first step.
 ISSUE_EXAMPLES = [
-    ("unknown optimizer", base(optimizer={"type": "Adamm", "params": {"lr": 1e-3}}),
+    ("unknown optimizer", optimizer("Adamm", lr=1e-3),
      "optimizer.type: 'Adamm' is not an optimizer DeepSpeed can build; did you mean 'Adam'?"),
-    ("optimizer param typo", base(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "weight_decays": 0.1}}),
+    ("optimizer param typo", optimizer("AdamW", lr=1e-3, weight_decays=0.1),
      "optimizer.params.weight_decays: FusedAdam (DeepSpeed's 'AdamW' without offload) takes no parameter "
      "'weight_decays'; did you mean 'weight_decay'?"),
-    ("lr as a string", base(optimizer={"type": "AdamW", "params": {"lr": "1e-3"}}),
+    ("lr as a string", optimizer("AdamW", lr="1e-3"),
      "optimizer.params.lr: must be a number, got '1e-3'; write 1e-3 without quotes"),
-    ("unknown scheduler", base(scheduler={"type": "WarmupCosine", "params": {"total_num_steps": 10}}),
+    ("unknown scheduler", scheduler("WarmupCosine", total_num_steps=10),
      "scheduler.type: 'WarmupCosine' is not a scheduler DeepSpeed can build; did you mean 'WarmupCosineLR'?"),
-    ("scheduler param typo", base(scheduler={"type": "WarmupLR", "params": {"warmup_num_step": 10}}),
+    ("scheduler param typo", scheduler("WarmupLR", warmup_num_step=10),
      "scheduler.params.warmup_num_step: DeepSpeed's WarmupLR takes no parameter 'warmup_num_step'; "
      "did you mean 'warmup_num_steps'?"),
     ("compile enabled", base(compile={"enabled": True}),
@@ -59,15 +69,15 @@ def test_issue_examples_name_the_key(name, config, expected):
 
 
 BAD_SECTIONS = [
-    ("betas too short", base(optimizer={"type": "Adam", "params": {"betas": [0.9]}}),
+    ("betas too short", optimizer("Adam", betas=[0.9]),
      "optimizer.params.betas: must be a list of 2 numbers, got 1 value ([0.9])"),
-    ("a beta as a string", base(optimizer={"type": "Adam", "params": {"betas": [0.9, "0.99"]}}),
+    ("a beta as a string", optimizer("Adam", betas=[0.9, "0.99"]),
      "optimizer.params.betas[1]: must be a number, got '0.99'; write 0.99 without quotes"),
-    ("bool as a number", base(optimizer={"type": "Adam", "params": {"amsgrad": 1}}),
+    ("bool as a number", optimizer("Adam", amsgrad=1),
      "optimizer.params.amsgrad: must be true or false, got 1"),
-    ("torch optimizer in the wrong case", base(optimizer={"type": "sgd", "params": {"lr": 0.1}}),
+    ("torch optimizer in the wrong case", optimizer("sgd", lr=0.1),
      "optimizer.type: 'sgd' is not an optimizer DeepSpeed can build; did you mean 'SGD'?"),
-    ("torch optimizer param typo", base(optimizer={"type": "SGD", "params": {"lr": 0.1, "momentm": 0.9}}),
+    ("torch optimizer param typo", optimizer("SGD", lr=0.1, momentm=0.9),
      "optimizer.params.momentm: torch.optim.SGD takes no parameter 'momentm'; did you mean 'momentum'?"),
     ("what DeepSpeed passes itself", base(optimizer={"type": "Adam", "params": {"adamw_mode": False}},
                                          zero_optimization=OFFLOAD),
@@ -76,25 +86,23 @@ BAD_SECTIONS = [
     ("FusedAdam's parameter under offload", base(optimizer={"type": "Adam", "params": {"set_grad_none": True}},
                                                  zero_optimization=OFFLOAD),
      "optimizer.params.set_grad_none: DeepSpeedCPUAdam (DeepSpeed's 'Adam' with ZeRO-Offload) takes no parameter"),
-    ("max_grad_norm", base(optimizer={"type": "Adam", "params": {"max_grad_norm": 1.0}}),
+    ("max_grad_norm", optimizer("Adam", max_grad_norm=1.0),
      "optimizer.params.max_grad_norm: DeepSpeed refuses it as an optimizer parameter; set the top-level "
      "\"gradient_clipping\" instead"),
-    ("lamb param typo", base(optimizer={"type": "Lamb", "params": {"max_coef": 10}}),
-     "did you mean 'max_coeff'?"),
-    ("scheduler length missing", base(scheduler={"type": "WarmupDecayLR", "params": {"warmup_num_steps": 10}}),
+    ("lamb param typo", optimizer("Lamb", max_coef=10), "did you mean 'max_coeff'?"),
+    ("scheduler length missing", scheduler("WarmupDecayLR", warmup_num_steps=10),
      "scheduler.params.total_num_steps: required by DeepSpeed's WarmupDecayLR; set it (\"auto\" takes the run's "
      "length)"),
-    ("whole number written 10.0", base(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10.0}}),
+    ("whole number written 10.0", scheduler("WarmupLR", warmup_num_steps=10.0),
      "scheduler.params.warmup_num_steps: must be a whole number, got 10.0; write 10"),
-    ("torch scheduler value as a string", base(scheduler={"type": "CosineAnnealingLR", "params": {"T_max": "100"}}),
+    ("torch scheduler value as a string", scheduler("CosineAnnealingLR", T_max="100"),
      "scheduler.params.T_max: must be a whole number, got '100'; write 100 without quotes"),
-    ("scheduler needing a metric", base(scheduler={"type": "ReduceLROnPlateau", "params": {}}),
+    ("scheduler needing a metric", scheduler("ReduceLROnPlateau"),
      "scheduler.type: ReduceLROnPlateau needs the metric at every step() and DeepSpeed's engine calls step() "
      "without one"),
-    ("scheduler needing a function", base(scheduler={"type": "LambdaLR", "params": {}}),
+    ("scheduler needing a function", scheduler("LambdaLR"),
      "scheduler.params.lr_lambda: torch.optim.lr_scheduler.LambdaLR needs a Python object here"),
-    ("scheduler choice", base(scheduler={"type": "CyclicLR", "params": {"base_lr": 0.1, "max_lr": 1.0,
-                                                                        "mode": "triangle"}}),
+    ("scheduler choice", scheduler("CyclicLR", base_lr=0.1, max_lr=1.0, mode="triangle"),
      "scheduler.params.mode: must be one of 'triangular', 'triangular2', 'exp_range', got 'triangle'"),
     ("offload ratio as a string", base(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu",
                                                                                             "ratio": "0.5"}}),

@@ -13,8 +13,6 @@ from zeroloop.runtime import available_cores, free_port
 from zeroloop.testing import (RankDevice, RankFailure, RankTimeout, choose_rank_device, fp16_on_cpu,
                               remove_shm_buffers, run_ranks, single_process, tiny_config)
 
-pytestmark = pytest.mark.multirank
-
 
 def returns_rank_and_env(rank):
     return rank, os.environ["WORLD_SIZE"], os.environ["OMP_NUM_THREADS"]
@@ -55,11 +53,13 @@ def port_is_free(port):
             return False
 
 
+@pytest.mark.multirank
 def test_results_in_rank_order_with_rank_env():
     threads = str(max(1, available_cores() // 2))
     assert run_ranks(returns_rank_and_env, 2) == [(0, "2", threads), (1, "2", threads)]
 
 
+@pytest.mark.multirank
 def test_a_raising_rank_is_reported_with_its_traceback_and_nothing_is_left():
     port = free_port()
     with pytest.raises(RankFailure) as info:
@@ -72,6 +72,7 @@ def test_a_raising_rank_is_reported_with_its_traceback_and_nothing_is_left():
     assert port_is_free(port)
 
 
+@pytest.mark.multirank
 def test_a_hanging_rank_is_killed_at_the_timeout_and_cleaned_up():
     port = free_port()
     started = time.monotonic()
@@ -128,6 +129,7 @@ def test_cpu_ranks_beside_gpus_build_deepspeed_ops_in_their_own_folder(monkeypat
     assert "TORCH_EXTENSIONS_DIR" not in RankDevice("cpu", "", gpus=0).rank_env()
 
 
+@pytest.mark.multirank
 def test_one_gpu_and_two_ranks_run_as_cpu_ranks_with_gloo(monkeypatch, caplog):
     """Faked at the point where the kit decides: this process 'sees' one GPU and
     DS_ACCELERATOR=cuda. Ranks that inherited cuda would fail to start (no GPU for rank 1,

@@ -8,13 +8,11 @@
     --fail step       compute_loss raises at the second micro-batch, inside the training loop
 """
 
-import argparse
-
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from zeroloop import LogSettings, TrainerLoop, seed_everything
+from tiny_task import script_arguments, tiny_regression
+from zeroloop import LogSettings, TrainerLoop
 from zeroloop.checkpoint import CheckpointSettings
 from zeroloop.testing import tiny_config
 
@@ -33,15 +31,8 @@ class FailingLoop(TrainerLoop):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--fail", choices=FAILURES, required=True)
-    args, _ = parser.parse_known_args()  # the deepspeed launcher adds --local_rank
-
-    seed_everything(0)
-    x = torch.randn(64, 8)
-    data = TensorDataset(x, x.sum(dim=1, keepdim=True))
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    args = script_arguments(("--fail", {"choices": FAILURES, "required": True}))
+    model, data = tiny_regression()
     config = tiny_config(stage=2)
     kwargs = {}
     if args.fail == "config":

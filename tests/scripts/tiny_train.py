@@ -1,27 +1,18 @@
 """A user's training script, unchanged under python, deepspeed and torchrun."""
 
-import argparse
 import json
 import os
 
-import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from zeroloop import LogSettings, TrainerLoop, seed_everything
+from tiny_task import script_arguments, tiny_regression
+from zeroloop import LogSettings, TrainerLoop
 from zeroloop.testing import tiny_config
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--stage", type=int, default=2)
-    args, _ = parser.parse_known_args()  # the deepspeed launcher adds --local_rank
-
-    seed_everything(0)
-    x = torch.randn(64, 8)
-    data = TensorDataset(x, x.sum(dim=1, keepdim=True))
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    args = script_arguments(("--stage", {"type": int, "default": 2}))
+    model, data = tiny_regression()
     loop = TrainerLoop(model, tiny_config(stage=args.stage), train_data=data, loss_fn=nn.functional.mse_loss,
                        output_dir=args.out, max_steps=4, log=LogSettings(every=1, progress_bar=False))
     summary = loop.train()
