@@ -40,7 +40,7 @@ from .run_setup import (build_rank_batches, checked_config, client_conflicts, co
                         total_steps_problems, write_resolved_config)
 from .state import TrainState
 from .summary import (LogSettings, LossWindow, TrainSummary, WindowMeans, complete_summary, grad_norm_before_step,
-                      grad_norm_of, reduce_window)
+                      grad_norm_of, reduce_window, tokens_over_ranks)
 
 log = logging.getLogger("zeroloop")
 
@@ -596,14 +596,10 @@ class TrainerLoop:
         return skip
 
     def _to_device(self, batch: Any) -> Any:
-        return move_to_device(batch, self.engine.device, self._compute_dtype())
-
-    def _compute_dtype(self) -> torch.dtype | None:
-        if self.engine.bfloat16_enabled():
-            return torch.bfloat16
-        if self.engine.fp16_enabled():
-            return torch.float16
-        return None
+        """The batch on the engine's device, floats in the engine's 16-bit dtype if it has one."""
+        engine = self.engine
+        dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+        return move_to_device(batch, engine.device, dtype)
 
     def _window_means(self, window: LossWindow) -> WindowMeans:
         """The window averaged over ranks, with every rank's tokens not yet counted (the
@@ -613,13 +609,8 @@ class TrainerLoop:
     def _sync_tokens(self) -> None:
         """Add every rank's tokens since the last sync to ``state.tokens`` (collective; before
         a save and at the end, so a checkpoint's count is exact)."""
-        import deepspeed.comm as dist
-
-        pending = torch.tensor([self._unsynced_tokens, int(self.state.tokens is not None or
-                                                             self._unsynced_tokens > 0)],
-                               dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(pending)
-        self._add_synced_tokens(int(pending[0].item()), bool(pending[1].item()))
+        counting = self.state.tokens is not None or self._unsynced_tokens > 0
+        self._add_synced_tokens(*tokens_over_ranks(self._unsynced_tokens, counting, self.engine.device))
 
     def _add_synced_tokens(self, tokens: int, has_tokens: bool) -> None:
         self._unsynced_tokens = 0

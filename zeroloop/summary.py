@@ -138,6 +138,16 @@ def reduce_window(window: LossWindow, unsynced_tokens: int, samples_per_micro_st
     return WindowMeans(metrics, int(new_tokens), has_tokens)
 
 
+def tokens_over_ranks(unsynced_tokens: int, counting: bool, device: torch.device) -> tuple[int, bool]:
+    """Every rank's tokens not yet in ``state.tokens`` (``unsynced_tokens`` on this rank), and
+    whether any rank counts tokens at all. One all-reduce; collective."""
+    import deepspeed.comm as dist
+
+    pending = torch.tensor([unsynced_tokens, int(counting)], dtype=torch.float64, device=device)
+    dist.all_reduce(pending)
+    return int(pending[0].item()), bool(pending[1].item())
+
+
 def complete_summary(summary: TrainSummary, state: TrainState, *, wall_time_s: float, samples_before: int,
                      tokens_before: int | None, samples_per_epoch: int | None, skipped_steps: int,
                      warnings: list[str]) -> None:
