@@ -13,6 +13,7 @@ from helpers import RegressionData
 from zeroloop import LogSettings, TrainerLoop
 from zeroloop.activation import (ActivationCheckpointing, ModuleClasses, NamePattern, Predicate,
                                  RepeatedBlocks, apply, choose_backend, reentrant_inputs, select_modules)
+from zeroloop.errors import ConfigError
 from zeroloop.gpt import GPT, MLP, Block
 from zeroloop.testing import full_parameters, run_ranks, single_process, tiny_config
 
@@ -258,12 +259,16 @@ def test_every_kth_block_and_outermost_only():
 
 
 def test_bad_settings_are_refused_with_the_key():
-    with pytest.raises(ValueError, match="backend"):
-        ActivationCheckpointing(backend="reentrant")
-    with pytest.raises(ValueError, match="every"):
-        ActivationCheckpointing(every=0)
-    with pytest.raises(TypeError, match="policy"):
-        ActivationCheckpointing(policy=3)
+    assert ActivationCheckpointing().problems() == []
+    bad = ActivationCheckpointing(policy=3, backend="reentrant", every=0)  # constructing never raises
+    problems = bad.problems()
+    assert len(problems) == 3
+    assert problems[0].startswith("activation_checkpointing.backend: must be one of")
+    assert problems[1].startswith("activation_checkpointing.every: must be a positive integer")
+    assert problems[2].startswith("activation_checkpointing.policy: expected a CheckpointPolicy")
+    with pytest.raises(ConfigError) as info:
+        apply(BlockNet(), bad)
+    assert info.value.problems == problems
     with pytest.raises(ValueError, match="regular expression"):
         NamePattern("blocks.(")
     with pytest.raises(ValueError, match="selects no module"):

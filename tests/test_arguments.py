@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import RegressionData, make_model
-from zeroloop import ConfigError, LogSettings, TrainerLoop
+from zeroloop import ActivationCheckpointing, CheckpointSettings, ConfigError, LogSettings, TrainerLoop
 from zeroloop.arguments import batch_problems, client_problems, first_sample, model_problems, output_dir_problems
 from zeroloop.testing import single_process, tiny_config
 
@@ -69,6 +69,15 @@ def test_every_argument_problem_at_once(tmp_path):
     problems = setup_problems(frozen(nn.Linear(8, 1)), train_data=pairs(), output_dir=path, max_steps=0,
                               optimizer="adam")
     assert [p.split(":")[0] for p in problems] == ["max_steps", "model", "output_dir", "optimizer", "train_data"]
+
+
+def test_bad_values_in_three_settings_objects_in_one_error(tmp_path):
+    log = LogSettings(every=0)
+    checkpoint = CheckpointSettings(keep=0)
+    activation = ActivationCheckpointing(backend="reentrant")
+    problems = setup_problems(output_dir=tmp_path, log=log, checkpoint=checkpoint, activation_checkpointing=activation)
+    assert problems == log.problems() + checkpoint.problems() + activation.problems()
+    assert [p.split(":")[0] for p in problems] == ["log.every", "checkpoint.keep", "activation_checkpointing.backend"]
 
 
 # --- more bad arguments ---------------------------------------------------------------------------

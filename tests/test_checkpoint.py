@@ -22,6 +22,7 @@ from zeroloop import LogSettings, TrainerLoop
 from zeroloop.checkpoint import (LATEST, MANIFEST, CheckpointError, Checkpointer, CheckpointSettings, find_checkpoint,
                                  list_checkpoints, rank_file, read_manifest)
 from zeroloop.data import GlobalBatchSampler
+from zeroloop.errors import ConfigError
 from zeroloop.resume import plan_resume
 from zeroloop.state import TrainState
 from zeroloop.testing import RankFailure, full_parameters, run_ranks, single_process, tiny_config
@@ -299,11 +300,16 @@ def test_resume_latest_in_an_empty_folder_starts_fresh(tmp_path):
     assert find_checkpoint(None, str(tmp_path)) is None
 
 
-def test_settings_are_checked():
-    with pytest.raises(ValueError, match="keep: must be an integer >= 1"):
-        CheckpointSettings(keep=0)
-    with pytest.raises(ValueError, match="every: must be a positive"):
-        CheckpointSettings(every=0)
+def test_settings_are_checked(tmp_path):
+    assert CheckpointSettings().problems() == []
+    bad = CheckpointSettings(keep=0, every=0, final_weights="all")  # constructing never raises
+    expected = ["checkpoint.final_weights: must be True, False or \"trainable\", got 'all'",
+                "checkpoint.every: must be a positive number of optimizer steps or None, got 0",
+                "checkpoint.keep: must be an integer >= 1 (checkpoints to keep), got 0"]
+    assert bad.problems() == expected
+    with pytest.raises(ConfigError) as info:
+        Checkpointer(bad, str(tmp_path), engine=None, state=TrainState(), facts=None)
+    assert info.value.problems == expected
 
 
 def test_sampler_starts_at_a_global_position():
@@ -512,7 +518,7 @@ def node_local_ranks(rank, root):
     import deepspeed
     import deepspeed.comm as dist
 
-    import zeroloop.checkpoint as checkpoint_module
+    import zeroloop.saving as saving_module  # the save protocol publishes through it
 
     deepspeed.init_distributed()
     folder = os.path.join(root, f"node{rank}", "checkpoints")
@@ -532,14 +538,14 @@ def node_local_ranks(rank, root):
     # Publishing fails on machine 1 only: machine 0 takes its published step 8 back.
     loop = node_local_loop(rank, root, 8)
     if rank == 1:
-        replace_latest = checkpoint_module.replace_latest
+        replace_latest = saving_module.replace_latest
 
         def failing_replace_latest(folder, tag):
             if tag == "global_step8":
                 raise OSError(28, "No space left on device", os.path.join(folder, LATEST))
             replace_latest(folder, tag)
 
-        checkpoint_module.replace_latest = failing_replace_latest
+        saving_module.replace_latest = failing_replace_latest
     try:
         loop.train()
         publish_error = None

@@ -16,11 +16,12 @@ from .config import Hyperparameters, resolve_config  # noqa: E402
 from .consolidation import consolidate  # noqa: E402
 from .data import PerRankBatches  # noqa: E402
 from .errors import CheckpointError, ConfigError, NumericalHealthError, ZeroloopError  # noqa: E402
-from .loop import LogSettings, TrainerLoop, TrainSummary  # noqa: E402
+from .loop import TrainerLoop  # noqa: E402
 from .memory import plan  # noqa: E402
 from .precision import HealthPolicy  # noqa: E402
 from .runtime import init_distributed, seed_everything, teardown  # noqa: E402
 from .state import TrainState  # noqa: E402
+from .summary import LogSettings, TrainSummary  # noqa: E402
 
 __all__ = [
     "ActivationCheckpointing",

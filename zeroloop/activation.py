@@ -41,7 +41,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import is_int
+from .config import is_positive_int, zero_stage_of
+from .errors import ConfigError
 
 BACKENDS = ("auto", "torch", "deepspeed", "hf")
 CONTAINERS = (nn.ModuleList, nn.ModuleDict)  # modules that are never called
@@ -148,7 +149,7 @@ def as_policy(policy: Any) -> CheckpointPolicy:
         return ModuleClasses(*policy)
     if callable(policy):
         return Predicate(policy)
-    raise TypeError(f"activation checkpointing policy: expected a CheckpointPolicy, a module class, a class "
+    raise TypeError(f"activation_checkpointing.policy: expected a CheckpointPolicy, a module class, a class "
                     f"name or a callable(name, module), got {type(policy).__name__}")
 
 
@@ -175,14 +176,20 @@ class ActivationCheckpointing:
     every: int = 1
     preserve_rng_state: bool = True
 
-    def __post_init__(self):
+    def problems(self) -> list[str]:
+        """Every problem with these settings, one line each naming the field and the fix
+        (empty when they are good); the loop raises them in one ConfigError."""
+        found = []
         if self.backend not in BACKENDS:
-            raise ValueError(f"activation_checkpointing.backend: must be one of {', '.join(BACKENDS)}, "
-                             f"got {self.backend!r}")
-        if not is_int(self.every) or self.every < 1:
-            raise ValueError(f"activation_checkpointing.every: must be a positive integer, "
-                             f"got {self.every!r}")
-        as_policy(self.policy)  # fail here, not at set-up
+            found.append(f"activation_checkpointing.backend: must be one of {', '.join(BACKENDS)}, "
+                         f"got {self.backend!r}")
+        if not is_positive_int(self.every):
+            found.append(f"activation_checkpointing.every: must be a positive integer, got {self.every!r}")
+        try:
+            as_policy(self.policy)
+        except TypeError as e:
+            found.append(str(e))
+        return found
 
 
 # --- selection and backend choice -----------------------------------------------------------
@@ -217,15 +224,10 @@ def zero3_keeps_frozen_params_for_recompute() -> bool:
     return hasattr(partitioned_param_coordinator, "update_recompute_parameters")
 
 
-def zero_stage(ds_config: Mapping[str, Any] | None) -> int:
-    stage = ((ds_config or {}).get("zero_optimization") or {}).get("stage", 0)
-    return stage if isinstance(stage, int) else 0
-
-
 def frozen_params_break_non_reentrant(model: nn.Module, ds_config: Mapping[str, Any] | None) -> bool:
     """ZeRO-3, a frozen parameter, and a DeepSpeed without the recompute fix: only a
     reentrant checkpoint works then."""
-    if zero_stage(ds_config) != 3 or all(p.requires_grad for p in model.parameters()):
+    if zero_stage_of(ds_config) != 3 or all(p.requires_grad for p in model.parameters()):
         return False
     return not zero3_keeps_frozen_params_for_recompute()
 
@@ -312,6 +314,7 @@ def apply(model: nn.Module, settings: ActivationCheckpointing | None = None,
 
     Raises:
         TypeError: ``settings`` is not an :class:`ActivationCheckpointing`.
+        ConfigError: the settings' :meth:`~ActivationCheckpointing.problems`, all listed.
         ValueError: the policy selects no module, or a bad backend choice (see
             :func:`choose_backend`).
     """
@@ -321,6 +324,8 @@ def apply(model: nn.Module, settings: ActivationCheckpointing | None = None,
         raise TypeError(f"activation_checkpointing: expected ActivationCheckpointing(...) (or True for the "
                         f"defaults), got {type(settings).__name__}; "
                         "e.g. ActivationCheckpointing(policy=Block)")
+    if settings.problems():
+        raise ConfigError(settings.problems(), subject="ActivationCheckpointing")
     backend = choose_backend(model, settings, ds_config)
     if backend == "hf":
         return _apply_hf(model, settings, ds_config)

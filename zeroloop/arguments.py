@@ -14,6 +14,25 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .config import is_positive_int
+
+
+def run_length_problems(max_steps: Any, epochs: Any, eval_every: Any) -> list[str]:
+    """No run length, or lengths and intervals that are not positive integers."""
+    problems = []
+    if max_steps is None and epochs is None:
+        problems.append("max_steps / epochs: give at least one (optimizer steps, or passes over train_data)")
+    for name, value in (("max_steps", max_steps), ("epochs", epochs), ("eval_every", eval_every)):
+        if value is not None and not is_positive_int(value):
+            problems.append(f"{name}: must be a positive integer or None, got {value!r}")
+    return problems
+
+
+def settings_problems(*settings: Any) -> list[str]:
+    """The ``problems()`` of each settings object given (``log``, ``health``, ``checkpoint``...),
+    in order; None, and values that are not settings objects (``True``), add nothing."""
+    return [problem for each in settings if hasattr(each, "problems") for problem in each.problems()]
+
 
 def model_problems(model: Any) -> list[str]:
     """A model that is not a module, or has nothing to train."""

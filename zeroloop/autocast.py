@@ -161,6 +161,17 @@ def with_mode(config: Mapping[str, Any], mode: str) -> dict:
     return out
 
 
+def bf16_for_run(model, raw: Mapping[str, Any], resolved: Mapping[str, Any],
+                 world_size: int) -> tuple[Mapping[str, Any], Bf16Choice | None]:
+    """The resolved config in the bf16 mode this run takes, and the choice made: when bf16
+    was left to zeroloop (``"auto"`` or the loop's precision), :func:`choose_for_run` picks
+    (collective when it would pick autocast); an enabled section is kept (choice None)."""
+    if not left_to_zeroloop(raw, resolved):
+        return resolved, None
+    choice = choose_for_run(model, resolved, world_size)
+    return with_mode(resolved, choice.mode), choice
+
+
 def precision_mode(config: Mapping[str, Any]) -> str:
     """How a resolved config trains: ``"torch_autocast"``, ``"bf16"``, ``"fp16"`` or ``"fp32"``."""
     return TORCH_AUTOCAST if autocast_on(config) else precision_of(config)

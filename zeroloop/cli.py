@@ -10,8 +10,12 @@ on several ranks with ``deepspeed -q --num_gpus 2 --module zeroloop train`` or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import types
+import typing
+from typing import Any
 
 from . import __version__
 from .errors import CheckpointError, ConfigError
@@ -23,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher puts --local_rank=N before the command; the rank comes from
     # the environment it also sets.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(reported_errors=())  # what a command prints as "zeroloop COMMAND: error: ..."
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_command(commands)
     add_plan_command(commands)
@@ -36,47 +41,50 @@ def build_parser() -> argparse.ArgumentParser:
 def add_train_command(commands) -> None:
     from .job import GPTJob
 
-    d = GPTJob()
     p = commands.add_parser("train", help="train the bundled byte-level GPT on the built-in corpus",
                             description="Train the bundled byte-level GPT. Without --data it reads the "
                                         "Python standard library's own source as a byte corpus.")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
-    p.add_argument("--stage", type=int, default=d.stage, choices=range(4), help="ZeRO stage (default %(default)s)")
-    p.add_argument("--precision", default=d.precision, choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--size", default=d.size, help="GPT size: tiny, small or medium (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="bytes per sample (default %(default)s)")
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch_size, help="samples per rank per micro-step")
-    p.add_argument("--grad-accum", type=int, default=d.gradient_accumulation_steps)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps (default %(default)s)")
-    p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="text files or folders to train on")
-    p.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of text")
-    # --deepspeed / --deepspeed_config: the names launch lines of DeepSpeed and Hugging Face scripts use.
-    p.add_argument("--config", "--deepspeed", "--deepspeed_config", dest="config", default=None, metavar="JSON",
-                   help="a DeepSpeed JSON config replacing the built-in one")
-    p.add_argument("--output-dir", default=d.output_dir)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--save-every", type=int, default=None, metavar="STEPS",
-                   help="checkpoint every STEPS optimizer steps under OUTPUT_DIR/checkpoints, and write the "
-                        "final weights to OUTPUT_DIR/final as safetensors")
-    p.add_argument("--resume", default=None, metavar="latest|PATH",
-                   help="resume from the newest complete checkpoint (latest) or a checkpoint folder")
+    add_job_flags(p, GPTJob)
     p.set_defaults(run=run_train)
+
+
+def add_job_flags(parser: argparse.ArgumentParser, job_class: type) -> None:
+    """One flag per field of a job dataclass, from the field: its name (``seq_len`` ->
+    ``--seq-len``, or the field's ``flags``), type, default and help. A ``bool`` field that
+    defaults to True becomes a ``--no-...`` switch; a list field takes one or more values."""
+    hints = typing.get_type_hints(job_class)
+    for spec in dataclasses.fields(job_class):
+        meta = spec.metadata
+        if not meta.get("cli", False):
+            continue
+        flags = meta["flags"] or ("--" + spec.name.replace("_", "-"),)
+        options = {"dest": spec.name, "default": spec.default, "help": meta["help"], **meta["argparse"]}
+        kind = _without_none(hints[spec.name])
+        if kind is bool:
+            options.update(action="store_false" if spec.default else "store_true")
+        else:
+            if "choices" not in options:  # argparse lists the choices instead
+                options.setdefault("metavar", flags[0].lstrip("-").replace("-", "_").upper())
+            if typing.get_origin(kind) is list:
+                options["nargs"], kind = "+", typing.get_args(kind)[0]
+            if kind in (int, float):  # str and Any (a path) stay strings
+                options["type"] = kind
+        parser.add_argument(*flags, **options)
+
+
+def _without_none(kind: Any) -> Any:
+    """``int | None`` -> ``int``; other types as they are."""
+    args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return kind
 
 
 def run_train(args: argparse.Namespace) -> int:
     from .job import GPTJob, run_gpt_job
     from .runtime import rank
 
-    job = GPTJob(size=args.size, seq_len=args.seq_len, steps=args.steps, stage=args.stage,
-                 precision=args.precision, micro_batch_size=args.micro_batch,
-                 gradient_accumulation_steps=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
-                 data=args.data, max_bytes=args.max_bytes, output_dir=args.output_dir, seed=args.seed,
-                 log_every=args.log_every, eval_every=args.eval_every, config=args.config,
-                 progress_bar=not args.no_progress, save_every=args.save_every, resume=args.resume)
+    job = GPTJob(**{name: getattr(args, name) for name in job_flag_names(GPTJob)})
     summary = run_gpt_job(job)
     if rank() == 0:
         first = summary.history[0]["loss"] if summary.history else None
@@ -86,6 +94,11 @@ def run_train(args: argparse.Namespace) -> int:
                   "wall_time_s": round(summary.wall_time_s, 1), "output_dir": job.output_dir}
         print(json.dumps(report), flush=True)
     return 0
+
+
+def job_flag_names(job_class: type) -> list[str]:
+    """The fields of a job dataclass that ``add_job_flags`` made flags of."""
+    return [spec.name for spec in dataclasses.fields(job_class) if spec.metadata.get("cli", False)]
 
 
 def add_plan_command(commands) -> None:
@@ -172,19 +185,15 @@ def add_consolidate_command(commands) -> None:
                                                            "(default %(default)s)")
     p.add_argument("--exclude-frozen", action="store_true", help="leave out parameters that were not trained")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run_consolidate)
+    p.set_defaults(run=run_consolidate, reported_errors=(CheckpointError,))
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
     from .consolidation import consolidate
 
-    try:
-        result = consolidate(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
-                             max_shard_size=args.max_shard_size, exclude_frozen=args.exclude_frozen,
-                             progress=not args.no_progress)
-    except CheckpointError as e:
-        print(f"zeroloop consolidate: error: {e}", file=sys.stderr)
-        return 1
+    result = consolidate(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
+                         max_shard_size=args.max_shard_size, exclude_frozen=args.exclude_frozen,
+                         progress=not args.no_progress)
     print(json.dumps({"output_dir": result.output_dir, "files": result.files, "total_size": result.total_size,
                       "tensors": result.num_tensors, "ties": result.ties, "stage": result.stage,
                       "world_size": result.world_size, "tag": result.tag}), flush=True)
@@ -215,6 +224,7 @@ def run_report(args: argparse.Namespace) -> int:
     print(table)
     if png:
         print(f"wrote {png}")
+    return 0
 
 
 def add_inspect_command(commands) -> None:
@@ -226,17 +236,13 @@ def add_inspect_command(commands) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a tag folder, or the folder holding 'latest'")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--no-files", action="store_true", help="leave out the list of files")
-    p.set_defaults(run=run_inspect)
+    p.set_defaults(run=run_inspect, reported_errors=(CheckpointError,))
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from .inspection import format_inspection, inspect_checkpoint
 
-    try:
-        info = inspect_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        print(f"zeroloop inspect: error: {e}", file=sys.stderr)
-        return 1
+    info = inspect_checkpoint(args.checkpoint)
     print(json.dumps(info, indent=1) if args.json else format_inspection(info, files=not args.no_files))
     return 0
 
@@ -251,17 +257,13 @@ def add_universal_command(commands) -> None:
     p.add_argument("checkpoint", metavar="TAG_DIR", help="the checkpoint's tag folder")
     p.add_argument("--output", default=None, help="where to write it (default: TAG_DIR.universal, the folder a "
                                                   "resume looks for)")
-    p.set_defaults(run=run_universal)
+    p.set_defaults(run=run_universal, reported_errors=(CheckpointError,))
 
 
 def run_universal(args: argparse.Namespace) -> int:
     from .universal import convert_to_universal
 
-    try:
-        output = convert_to_universal(args.checkpoint, args.output)
-    except CheckpointError as e:
-        print(f"zeroloop universal: error: {e}", file=sys.stderr)
-        return 1
+    output = convert_to_universal(args.checkpoint, args.output)
     print(json.dumps({"output_dir": output}), flush=True)
     return 0
 
@@ -272,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except args.reported_errors as e:  # a checkpoint tool's error is one line, not a traceback
+        print(f"zeroloop {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def check_batch_types(cfg: Mapping) -> list[str]:
         if not is_int(value):
             problems.append(f"{key}: must be a positive integer or \"auto\", got {value!r} "
                             f"({type(value).__name__}); write {suggest_int(value)}")
-        elif value < 1:
+        elif not is_positive_int(value):
             problems.append(f"{key}: must be >= 1, got {value}")
     return problems
 
@@ -520,6 +520,11 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_positive_int(value: Any) -> bool:
+    """A whole number >= 1 (``True`` is not one): steps, counts, intervals."""
+    return is_int(value) and value >= 1
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -538,5 +543,8 @@ def precision_of(cfg: Mapping) -> str:
     return "bf16" if cfg.get("bfloat16", {}).get("enabled") is True else "fp32"
 
 
-def zero_stage_of(cfg: Mapping) -> int:
-    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+def zero_stage_of(cfg: Mapping | None) -> int:
+    """The config's ZeRO stage: 0 without a ``zero_optimization`` section (or a config), or
+    with a stage that is not a whole number (the config's check reports that one)."""
+    stage = ((cfg or {}).get("zero_optimization") or {}).get("stage", 0)
+    return stage if is_int(stage) else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .checkpoint import folder_files
+from .saving import folder_files
 from .errors import CheckpointError
 from .manifest import LATEST, MANIFEST, read_manifest
 from .resume import saved_layout, saved_train_batch

@@ -14,7 +14,8 @@ from .checkpoint import CheckpointSettings
 from .config import Hyperparameters
 from .corpus import VOCAB_SIZE, read_corpus, train_eval_split
 from .gpt import GPT, GPT_SIZES, GPTConfig
-from .loop import LogSettings, TrainerLoop, TrainSummary
+from .loop import TrainerLoop
+from .summary import LogSettings, TrainSummary
 from .runtime import seed_everything
 
 # "auto" values come from the job's arguments (Hyperparameters) and the world size.
@@ -37,32 +38,61 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+def option(default: Any = None, help: str | None = None, *, flags: tuple[str, ...] = (), cli: bool = True,
+           **argparse_options: Any) -> Any:
+    """A :class:`GPTJob` field with its documentation; ``zeroloop train`` makes its flag
+    from the field (see :func:`zeroloop.cli.add_job_flags`).
+
+    Args:
+        default: the field's default (a mutable one is copied for every job).
+        help: the flag's help text (``%(default)s`` is the default).
+        flags: the flag's names; default ``--<name with dashes>``.
+        cli: False for a field with no flag.
+        argparse_options: passed to ``add_argument`` as they are (``choices``, ``metavar``).
+    """
+    metadata = {"help": help, "flags": flags, "cli": cli, "argparse": argparse_options}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class GPTJob:
     """Settings of the main job. Defaults give a visible fall of the loss on 2 CPU cores
-    within a few minutes (ln 256 = 5.55 nats/byte at the start)."""
+    within a few minutes (ln 256 = 5.55 nats/byte at the start).
 
-    size: str = "tiny"
-    seq_len: int = 128
-    steps: int = 300
-    stage: int = 2
-    precision: str = "fp32"
-    micro_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    lr: float = 2e-3
-    warmup_steps: int = 30
-    data: list[str] | None = None  # text files/folders; None: the standard library's source
-    max_bytes: int | None = None
-    output_dir: str = "runs/gpt"
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int | None = 100
-    config: Any = None  # a DeepSpeed config (dict or path) replacing DEFAULT_CONFIG
-    progress_bar: bool = True
-    save_every: int | None = None  # optimizer steps between checkpoints; None: no checkpoints
-    resume: str | None = None  # "latest" or a checkpoint path (turns checkpointing on)
-    weight_decay_groups: bool = True  # no weight decay on biases and LayerNorm weights
-    gpt_overrides: dict = field(default_factory=dict)
+    Each field is also a flag of ``zeroloop train``, documented where it is declared."""
+
+    steps: int = option(300, "optimizer steps (default %(default)s)")
+    stage: int = option(2, "ZeRO stage (default %(default)s)", choices=range(4))
+    precision: str = option("fp32", None, choices=("fp32", "bf16", "fp16"))
+    size: str = option("tiny", "GPT size: tiny, small or medium (default %(default)s)")
+    seq_len: int = option(128, "bytes per sample (default %(default)s)")
+    micro_batch_size: int = option(16, "samples per rank per micro-step", flags=("--micro-batch",))
+    gradient_accumulation_steps: int = option(1, flags=("--grad-accum",))
+    lr: float = option(2e-3, "peak learning rate (default %(default)s)")
+    warmup_steps: int = option(30, "warm-up steps (default %(default)s)", flags=("--warmup",))
+    # None: the standard library's source
+    data: list[str] | None = option(None, "text files or folders to train on", metavar="PATH")
+    max_bytes: int | None = option(None, "read at most this many bytes of text")
+    # A DeepSpeed config (dict or path) replacing DEFAULT_CONFIG. --deepspeed / --deepspeed_config:
+    # the names launch lines of DeepSpeed and Hugging Face scripts use.
+    config: Any = option(None, "a DeepSpeed JSON config replacing the built-in one",
+                         flags=("--config", "--deepspeed", "--deepspeed_config"), metavar="JSON")
+    output_dir: str = option("runs/gpt")
+    seed: int = option(0)
+    log_every: int = option(10)
+    eval_every: int | None = option(100)
+    progress_bar: bool = option(True, "no progress bar", flags=("--no-progress",))
+    # None: no checkpoints
+    save_every: int | None = option(None, "checkpoint every STEPS optimizer steps under OUTPUT_DIR/checkpoints, "
+                                          "and write the final weights to OUTPUT_DIR/final as safetensors",
+                                    metavar="STEPS")
+    # Turns checkpointing on.
+    resume: str | None = option(None, "resume from the newest complete checkpoint (latest) or a checkpoint "
+                                      "folder", metavar="latest|PATH")
+    weight_decay_groups: bool = option(True, "no weight decay on biases and LayerNorm weights", cli=False)
+    gpt_overrides: dict = option({}, "GPTConfig fields replacing the size's", cli=False)
 
     def ds_config(self) -> Any:
         if self.config is not None:

@@ -9,13 +9,10 @@ Extend it by overriding :meth:`~TrainerLoop.compute_loss` and the ``on_*`` hooks
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -24,100 +21,28 @@ from torch import nn
 from . import arguments, runtime
 from .activation import ActivationCheckpointing
 from .activation import apply as apply_activation_checkpointing
-from .autocast import Bf16Choice, choose_for_run, left_to_zeroloop, with_mode
+from .autocast import Bf16Choice, bf16_for_run
 from .checkpoint import Checkpointer, CheckpointSettings, RunFacts
+from .compiling import compile_engine, compile_requested, setting_problems
+from .config import Hyperparameters, batch_sizes, load_config
+from .data import RankBatches, count_rows, count_tokens, move_to_device
+from .epochs import micro_batches, ran_out_warning
 from .errors import CheckpointError, ConfigError
-from .compiling import compile_engine, compile_requested, run_problems, setting_problems
-from .config import Hyperparameters, batch_sizes, is_int, load_config, precision_of, resolve_config
-from .data import RankBatches, count_rows, count_tokens, loader_batch_size, move_to_device, rank_batches
 from .launcher import shield_loader_workers
 from .metrics import CustomMetrics, MetricsLog, ProgressBar
-from .monitors import MonitorFeed, missing_package_problems, with_output_paths
+from .monitors import MonitorFeed, with_output_paths
 from .ops import announce_builds
 from .param_groups import trainable_parameters, weight_decay_groups
 from .precision import HealthPolicy, LossScaleMonitor, NonFiniteGuard, non_finite_guard
-from .resume import ResumePlan, keep_global_batch
+from .rank_sync import padded_for_zero3
+from .resume import ResumePlan
+from .run_setup import (build_rank_batches, checked_config, client_conflicts, count_total_steps, hparams_for_run,
+                        total_steps_problems, write_resolved_config)
 from .state import TrainState
+from .summary import (LogSettings, LossWindow, TrainSummary, WindowMeans, complete_summary, grad_norm_before_step,
+                      grad_norm_of, reduce_window, tokens_over_ranks)
 
 log = logging.getLogger("zeroloop")
-_END = object()  # what next() returns on an exhausted iterator here
-
-
-@dataclass(frozen=True)
-class LogSettings:
-    """What the loop reports and how often.
-
-    Attributes:
-        every: optimizer steps between metrics lines (and progress-bar loss updates). The
-            loss is averaged over ranks on these steps only: one small all-reduce each.
-        progress_bar: show a tqdm bar on rank 0.
-        metrics_file: file name under ``output_dir`` for the JSON-lines metrics.
-    """
-
-    every: int = 10
-    progress_bar: bool = True
-    metrics_file: str = "metrics.jsonl"
-
-
-@dataclass
-class TrainSummary:
-    """What :meth:`TrainerLoop.train` returns (the same on every rank).
-
-    Attributes:
-        steps: optimizer steps of the run (those before a resume included).
-        micro_steps: forward/backward passes of this call.
-        epochs: full passes over the training data completed in the run.
-        final_loss: the last logged training loss (mean over ranks), nats if cross-entropy.
-        eval_loss: the last evaluation loss, or None without ``eval_data``.
-        samples, tokens: consumed over all ranks in this call: micro-steps x micro-batch
-            size x ranks, as the loop batched them (tokens None when batches carry none).
-        wall_time_s: seconds spent in the loop, set-up excluded.
-        samples_per_sec, tokens_per_sec: over all ranks, over ``wall_time_s``.
-        skipped_steps: optimizer steps of the run skipped for fp16 overflow (DeepSpeed's count).
-        skipped_micro_batches: micro-batches of the run dropped for a non-finite loss (policy "skip").
-        history: every logged metrics record of this call, in order.
-        warnings: what ended or changed the run unexpectedly (e.g. ``train_data`` ran out
-            before ``max_steps``); each is also logged.
-    """
-
-    steps: int = 0
-    micro_steps: int = 0
-    epochs: int = 0
-    final_loss: float | None = None
-    eval_loss: float | None = None
-    samples: int = 0
-    tokens: int | None = None
-    wall_time_s: float = 0.0
-    samples_per_sec: float = 0.0
-    tokens_per_sec: float | None = None
-    skipped_steps: int = 0
-    skipped_micro_batches: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class _Window:
-    """This rank's loss and tokens since the last logged step, the loss kept on the device
-    so the hot loop never waits for the accelerator."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.micro_steps = 0
-        self.tokens: int | None = None
-        self.started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, tokens: int | None) -> None:
-        self.loss_sum += loss.detach().double()
-        self.micro_steps += 1
-        if tokens is not None:
-            self.tokens = (self.tokens or 0) + tokens
 
 
 class TrainerLoop:
@@ -351,7 +276,7 @@ class TrainerLoop:
         self.on_train_start()
         bar = ProgressBar(self.total_steps, initial=self.state.step,
                           enabled=self.rank == 0 and self.log.progress_bar)
-        summary, window = TrainSummary(), _Window(engine.device)
+        summary, window = TrainSummary(), LossWindow(engine.device)
         samples_before, tokens_before = self.state.samples, self.state.tokens
         started = time.perf_counter()
         try:
@@ -364,7 +289,7 @@ class TrainerLoop:
                 # Ask before step(): step() advances the micro-step counter.
                 boundary = engine.is_gradient_accumulation_boundary()
                 logging_step = boundary and self._is_logging_step(self.state.step + 1)
-                norm = self._grad_norm_before_step() if logging_step else None
+                norm = grad_norm_before_step(engine) if logging_step else None
                 engine.step()
                 tokens = count_tokens(batch)
                 window.add(loss, tokens)
@@ -373,10 +298,16 @@ class TrainerLoop:
                 if boundary and self._end_step(summary, window, bar, logging_step, norm):
                     break
             if window.micro_steps:  # a tail since the last logged step
-                summary.final_loss = self._reduce_window(window)["loss"]
+                means = self._window_means(window)
+                self._add_synced_tokens(means.new_tokens, means.has_tokens)
+                summary.final_loss = means.metrics["loss"]
             bar.close()
 
-            self._complete_summary(summary, time.perf_counter() - started, samples_before, tokens_before)
+            self._sync_tokens()
+            complete_summary(summary, self.state, wall_time_s=time.perf_counter() - started,
+                             samples_before=samples_before, tokens_before=tokens_before,
+                             samples_per_epoch=self.train_batches.samples_per_epoch(),
+                             skipped_steps=int(engine.skipped_steps), warnings=self._warnings)
             if self.eval_batches is not None and not self._evaluation_due():
                 summary.eval_loss = self.evaluate()["eval_loss"]
             if self.checkpointer is not None:
@@ -389,7 +320,7 @@ class TrainerLoop:
         self._finish()
         return summary
 
-    def _end_step(self, summary: TrainSummary, window: _Window, bar: ProgressBar, logging_step: bool,
+    def _end_step(self, summary: TrainSummary, window: LossWindow, bar: ProgressBar, logging_step: bool,
                   norm: float | None) -> bool:
         """After an optimizer step: metrics, hooks, evaluation, checkpoint.
 
@@ -410,14 +341,16 @@ class TrainerLoop:
             return True  # stop requested (SIGTERM/SIGINT): saved, leave cleanly
         return self.total_steps is not None and self.state.step >= self.total_steps
 
-    def _step_metrics(self, summary: TrainSummary, window: _Window, logging_step: bool,
+    def _step_metrics(self, summary: TrainSummary, window: LossWindow, logging_step: bool,
                       norm: float | None) -> dict[str, Any]:
         """This step's metrics; on logging steps, also the window's, averaged over ranks."""
         metrics = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.current_lr()}
         if self._scale_monitor:
             metrics.update(self._scale_monitor.after_step(self.state.step))
         if logging_step:
-            metrics.update(self._reduce_window(window))
+            means = self._window_means(window)
+            self._add_synced_tokens(means.new_tokens, means.has_tokens)
+            metrics.update(means.metrics)
             metrics["grad_norm"] = grad_norm_of(self.engine, fallback=norm)
             summary.final_loss = metrics["loss"]
             window.reset()
@@ -433,23 +366,6 @@ class TrainerLoop:
 
     def _evaluation_due(self) -> bool:
         return bool(self.eval_every) and self.state.step % self.eval_every == 0
-
-    def _complete_summary(self, summary: TrainSummary, wall_time_s: float, samples_before: int,
-                          tokens_before: int | None) -> None:
-        self._sync_tokens()
-        state = self.state
-        summary.steps = state.step
-        summary.epochs = state.epochs_completed(self.train_batches.samples_per_epoch())
-        summary.samples = state.samples - samples_before
-        if state.tokens is not None:
-            summary.tokens = state.tokens - (tokens_before or 0)
-        summary.skipped_steps = int(self.engine.skipped_steps)
-        summary.skipped_micro_batches = state.skipped_micro_batches
-        summary.wall_time_s = wall_time_s
-        summary.samples_per_sec = summary.samples / wall_time_s
-        if summary.tokens is not None:
-            summary.tokens_per_sec = summary.tokens / wall_time_s
-        summary.warnings = list(self._warnings)
 
     def evaluate(self) -> dict[str, Any]:
         """Mean ``compute_loss`` over ``eval_data``, weighted by samples, over all ranks.
@@ -515,7 +431,8 @@ class TrainerLoop:
         choice = self._choose_checkpoint()
         self.ds_config = self._resolve_config(choice)
         plan = self._plan_resume(choice)
-        self._write_resolved_config()
+        if self.rank == 0:
+            write_resolved_config(self.ds_config, self.output_dir)
         self._check_memory()
         self._apply_activation_checkpointing()
         self.engine = self._build_engine()
@@ -530,15 +447,7 @@ class TrainerLoop:
         return self.engine
 
     def _check_args(self) -> None:
-        problems = []
-        if self.max_steps is None and self.epochs is None:
-            problems.append("max_steps / epochs: give at least one (optimizer steps, or passes over train_data)")
-        for name in ("max_steps", "epochs", "eval_every"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value < 1):
-                problems.append(f"{name}: must be a positive integer or None, got {value!r}")
-        if not is_int(self.log.every) or self.log.every < 1:
-            problems.append(f"log.every: must be a positive integer, got {self.log.every!r}")
+        problems = arguments.run_length_problems(self.max_steps, self.epochs, self.eval_every)
         problems += arguments.model_problems(self.model)
         problems += arguments.output_dir_problems(self.output_dir)
         problems += arguments.client_problems(self.optimizer, self.lr_scheduler)
@@ -547,7 +456,7 @@ class TrainerLoop:
         elif isinstance(self.model, nn.Module) and type(self).compute_loss is TrainerLoop.compute_loss:
             peeked, sample = arguments.first_sample(self.train_data)
             problems += arguments.batch_problems(self.model, sample, self.loss_fn) if peeked else []
-        problems += self.health.problems()
+        problems += arguments.settings_problems(self.log, self.health, self.checkpoint, self.activation_checkpointing)
         problems += setting_problems(self.compile)
         if problems:
             raise ConfigError(problems, subject="TrainerLoop arguments")
@@ -575,82 +484,30 @@ class TrainerLoop:
         scheduler's length depends on the data's and the batching on the micro-batch. When
         resuming, ``"auto"`` batch sizes keep the checkpoint's global batch."""
         raw = load_config(self.config)
-        hp = self.hparams
-        loader_batch = loader_batch_size(self.train_data)
-        if hp.micro_batch_size is None and loader_batch is not None:
-            hp = replace(hp, micro_batch_size=loader_batch)
-        if resume_from is not None:
-            hp = keep_global_batch(raw, hp, self.world_size, resume_from[1], where=resume_from[0])
+        hp = hparams_for_run(raw, self.hparams, self.train_data, self.world_size, resume_from)
         sizes = batch_sizes(raw, hp, self.world_size)
         problems = []
         if sizes is not None:
             micro, accum = sizes
-            problems += self._build_batches(micro)
-            self.total_steps = self._count_total_steps(accum) if self.train_batches else None
-            if self.total_steps == 0:
-                problems.append(f"epochs: {self.epochs} epoch(s) of {self.train_batches.micro_batches_per_epoch()} "
-                                f"micro-batches make no optimizer step at gradient_accumulation_steps="
-                                f"{accum}; use more data, more epochs or max_steps")
-        if self.optimizer is not None and "optimizer" in raw:
-            problems.append("optimizer: given both to the loop and in the config's \"optimizer\" section; "
-                            "remove one of them")
-        if self.lr_scheduler is not None and "scheduler" in raw:
-            problems.append("scheduler: given both to the loop (lr_scheduler) and in the config's "
-                            "\"scheduler\" section; remove one of them")
-        try:
-            resolved = resolve_config(raw, world_size=self.world_size, hparams=hp, total_steps=self.total_steps,
-                                      hidden_size=hidden_size_of(self.model))
-        except ConfigError as e:
-            raise ConfigError(e.problems + problems, source=e.source) from None
-        problems += fp16_support_problems(resolved) + missing_package_problems(resolved)
-        problems += run_problems(self.compile, resolved)
-        if problems:
-            raise ConfigError(problems)
+            self.train_batches, self.eval_batches, problems = build_rank_batches(
+                self.train_data, self.eval_data, micro_batch_size=micro, rank=self.rank, world_size=self.world_size,
+                seed=self.seed)
+            if self.train_batches:
+                self.total_steps = count_total_steps(self.train_batches, epochs=self.epochs, max_steps=self.max_steps,
+                                                     accumulation=accum)
+                problems += total_steps_problems(self.total_steps, self.train_batches, self.epochs, accum)
+        problems += client_conflicts(raw, self.optimizer, self.lr_scheduler)
+        resolved = checked_config(raw, hp, world_size=self.world_size, total_steps=self.total_steps, model=self.model,
+                                  compile=self.compile, problems=problems)
         return with_output_paths(self._choose_bf16_mode(raw, resolved), self.output_dir)
 
     def _choose_bf16_mode(self, raw: dict, resolved: dict) -> dict:
-        """bf16 left to zeroloop ("auto" or the loop's precision): DeepSpeed's torch_autocast
-        or its bf16 mode, by :mod:`zeroloop.autocast`'s rule. An enabled section is kept."""
-        if not left_to_zeroloop(raw, resolved):
-            return resolved
-        self.bf16_choice = choose_for_run(self.model, resolved, self.world_size)
-        if self.rank == 0:
+        """bf16 left to zeroloop: DeepSpeed's torch_autocast or its bf16 mode (see
+        :func:`zeroloop.autocast.bf16_for_run`); sets ``bf16_choice``."""
+        resolved, self.bf16_choice = bf16_for_run(self.model, raw, resolved, self.world_size)
+        if self.bf16_choice is not None and self.rank == 0:
             log.info("bf16: %s (%s)", self.bf16_choice.mode, self.bf16_choice.reason)
-        return with_mode(resolved, self.bf16_choice.mode)
-
-    def _build_batches(self, micro_batch_size: int) -> list[str]:
-        """This rank's training and evaluation batches; the problems found, for ConfigError."""
-        problems = []
-        for name, data in (("train_data", self.train_data), ("eval_data", self.eval_data)):
-            if data is None:
-                continue
-            try:
-                batches = rank_batches(data, name=name, micro_batch_size=micro_batch_size, rank=self.rank,
-                                       world_size=self.world_size, seed=self.seed, train=name == "train_data")
-            except ConfigError as e:
-                problems += e.problems
-                continue
-            if name == "train_data":
-                self.train_batches = batches
-            else:
-                self.eval_batches = batches
-        return problems
-
-    def _count_total_steps(self, accum: int) -> int | None:
-        if self.epochs is None:
-            return self.max_steps
-        per_epoch = self.train_batches.micro_batches_per_epoch()
-        if per_epoch is None:
-            return self.max_steps
-        by_epochs = self.epochs * per_epoch // accum
-        return by_epochs if self.max_steps is None else min(by_epochs, self.max_steps)
-
-    def _write_resolved_config(self) -> None:
-        if self.rank != 0:
-            return
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "ds_config.resolved.json"), "w", encoding="utf-8") as f:
-            json.dump(self.ds_config, f, indent=2, sort_keys=True)
+        return resolved
 
     def _check_memory(self) -> None:
         if not self.preflight or self.rank != 0:
@@ -711,84 +568,25 @@ class TrainerLoop:
     # --- the loop's helpers --------------------------------------------------------------
 
     def _micro_batches(self):
-        """This rank's micro-batches across epochs, from the state's position on.
-
-        Every micro-batch is counted in ``state`` as it is handed out. An epoch that yields
-        nothing from its start means the data is exhausted (a one-shot iterable): training
-        ends there, and says so when ``max_steps`` or ``epochs`` was not reached.
-        """
-        state, data = self.state, self.train_batches
-        while self.epochs is None or state.epoch < self.epochs:
-            if self.total_steps is not None and state.step >= self.total_steps:
-                return  # resumed at the end: nothing left to train
-            start = state.epoch_samples
-            batches = data.epoch(state.epoch, start)
-            if data.ends_per_rank and self.world_size > 1:
-                batches = self._while_every_rank_has_one(batches)
-            for batch in batches:
-                state.advance(data.samples_per_micro_step)
-                yield batch
-            if start == 0 and state.epoch_samples == 0:
-                self._data_ran_out()
-                return
-            state.end_epoch()
+        """This rank's micro-batches across epochs, from the state's position on (see
+        :func:`zeroloop.epochs.micro_batches`)."""
+        return micro_batches(self.state, self.train_batches, epochs=self.epochs, total_steps=self.total_steps,
+                             world_size=self.world_size, device=self.engine.device, ran_out=self._data_ran_out)
 
     def _data_ran_out(self) -> None:
-        if self.state.micro_steps == 0:
-            raise ConfigError([f"{self.train_batches.kind}: yielded no batches; pass data with at least one "
-                               "micro-batch per rank"], subject="TrainerLoop arguments")
-        wanted = f"max_steps={self.total_steps}" if self.total_steps is not None else f"epochs={self.epochs}"
-        message = (f"{self.train_batches.kind} ran out after {self.state.step} optimizer steps and "
-                   f"{self.state.epoch} epoch(s), before {wanted}: a one-shot iterable (a generator) cannot "
-                   "be iterated again; pass a Dataset, a list or a re-iterable IterableDataset, or fewer steps")
+        message = ran_out_warning(self.train_batches.kind, self.state, total_steps=self.total_steps,
+                                  epochs=self.epochs)
         self._warnings.append(message)
         if self.rank == 0:
             log.warning(message)
-
-    def _while_every_rank_has_one(self, batches):
-        """Stop every rank at the first micro-step where any rank has no batch left (ready
-        per-rank batches may differ in number; a rank alone in a collective would hang)."""
-        iterator = iter(batches)
-        while True:
-            batch = next(iterator, _END)
-            if not self._on_every_rank(batch is not _END):
-                return
-            yield batch
 
     def _weighted_eval_batches(self):
         """``(batch, samples)`` of this rank's share of ``eval_data``; under ZeRO-3 on several
         ranks, padded with ``(last batch, 0)`` until every rank's share is done."""
         batches = self.eval_batches.epoch(0)
         if self.engine.zero_optimization_stage() != 3 or self.world_size == 1:
-            yield from ((batch, count_rows(batch)) for batch in batches)
-            return
-        iterator, last = iter(batches), None
-        while True:
-            batch = next(iterator, _END)
-            if not self._on_any_rank(batch is not _END):
-                return
-            if batch is not _END:
-                last = batch
-                yield batch, count_rows(batch)
-            elif last is None:
-                raise RuntimeError(f"{self.eval_batches.kind}: rank {self.rank} got no evaluation batch while "
-                                   "others did; ZeRO-3 needs every rank in every forward pass: pass at least "
-                                   "one sample per rank")
-            else:
-                yield last, 0
-
-    def _on_every_rank(self, flag: bool) -> bool:
-        return self._all_reduce_flag(flag, "MIN")
-
-    def _on_any_rank(self, flag: bool) -> bool:
-        return self._all_reduce_flag(flag, "MAX")
-
-    def _all_reduce_flag(self, flag: bool, op: str) -> bool:
-        import deepspeed.comm as dist
-
-        value = torch.tensor([int(flag)], dtype=torch.int32, device=self.engine.device)
-        dist.all_reduce(value, op=getattr(dist.ReduceOp, op))
-        return bool(value.item())
+            return ((batch, count_rows(batch)) for batch in batches)
+        return padded_for_zero3(batches, self.engine.device, kind=self.eval_batches.kind, rank=self.rank)
 
     def _skip_non_finite(self, loss: torch.Tensor) -> bool:
         """Ask the non-finite guard about this micro-batch's loss; count it when dropped."""
@@ -798,45 +596,21 @@ class TrainerLoop:
         return skip
 
     def _to_device(self, batch: Any) -> Any:
-        return move_to_device(batch, self.engine.device, self._compute_dtype())
+        """The batch on the engine's device, floats in the engine's 16-bit dtype if it has one."""
+        engine = self.engine
+        dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+        return move_to_device(batch, engine.device, dtype)
 
-    def _compute_dtype(self) -> torch.dtype | None:
-        if self.engine.bfloat16_enabled():
-            return torch.bfloat16
-        if self.engine.fp16_enabled():
-            return torch.float16
-        return None
-
-    def _reduce_window(self, window: _Window) -> dict[str, Any]:
-        """Average the window's loss over ranks and micro-steps, with its throughput; also
-        brings ``state.tokens`` up to date (the same all-reduce)."""
-        import deepspeed.comm as dist
-
-        has_tokens = window.tokens is not None
-        stats = torch.tensor([0.0, window.micro_steps, window.tokens or 0, self._unsynced_tokens],
-                             dtype=torch.float64, device=window.device)
-        stats[0] = window.loss_sum
-        dist.all_reduce(stats)
-        elapsed = time.perf_counter() - window.started
-        loss_sum, micro_steps, tokens, unsynced = stats.tolist()
-        self._add_synced_tokens(int(unsynced), has_tokens)
-        samples = window.micro_steps * self.train_batches.samples_per_micro_step
-        return {
-            "loss": loss_sum / max(micro_steps, 1),
-            "samples_per_sec": samples / elapsed,
-            "tokens_per_sec": tokens / elapsed if has_tokens else None,
-        }
+    def _window_means(self, window: LossWindow) -> WindowMeans:
+        """The window averaged over ranks, with every rank's tokens not yet counted (the
+        caller adds them to ``state.tokens``). Collective."""
+        return reduce_window(window, self._unsynced_tokens, self.train_batches.samples_per_micro_step)
 
     def _sync_tokens(self) -> None:
         """Add every rank's tokens since the last sync to ``state.tokens`` (collective; before
         a save and at the end, so a checkpoint's count is exact)."""
-        import deepspeed.comm as dist
-
-        pending = torch.tensor([self._unsynced_tokens, int(self.state.tokens is not None or
-                                                             self._unsynced_tokens > 0)],
-                               dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(pending)
-        self._add_synced_tokens(int(pending[0].item()), bool(pending[1].item()))
+        counting = self.state.tokens is not None or self._unsynced_tokens > 0
+        self._add_synced_tokens(*tokens_over_ranks(self._unsynced_tokens, counting, self.engine.device))
 
     def _add_synced_tokens(self, tokens: int, has_tokens: bool) -> None:
         self._unsynced_tokens = 0
@@ -846,19 +620,6 @@ class TrainerLoop:
     def _is_logging_step(self, step: int) -> bool:
         return step % self.log.every == 0 or step == self.total_steps
 
-    def _grad_norm_before_step(self) -> float | None:
-        """The global gradient norm, for engines that do not report one.
-
-        Without ZeRO or reduced precision, DeepSpeed clips (or not) without keeping the
-        norm. Its gradients are already averaged over ranks at the boundary, so the local
-        norm is the global one. Other engines report theirs after ``step()``.
-        """
-        engine = self.engine
-        if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
-            return None
-        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
-
     def _finish(self, clean: bool = True) -> None:
         if self._metrics_log is not None:
             self._metrics_log.close()
@@ -867,19 +628,6 @@ class TrainerLoop:
         # that must not kill them half-way (the handler ignores a repeated SIGTERM).
         if self.checkpointer is not None:
             self.checkpointer.remove_signal_handlers()
-
-
-def fp16_support_problems(config: Mapping[str, Any]) -> list[str]:
-    """fp16 asked for on a device that refuses it: say so before DeepSpeed does, with the fix."""
-    if precision_of(config) != "fp16":
-        return []
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.is_fp16_supported():
-        return []
-    return [f"fp16.enabled: this device ({accelerator.device_name()}) does not support fp16; use "
-            "\"bf16\": {\"enabled\": true} or fp32 (tests on a CPU: zeroloop.testing.fp16_on_cpu())"]
 
 
 def loss_from_output(output: Any) -> torch.Tensor:
@@ -894,25 +642,3 @@ def loss_from_output(output: Any) -> torch.Tensor:
     raise TypeError(f"the model returned {type(output).__name__} with no loss: return a scalar tensor "
                     "or an object with .loss, pass loss_fn=... for (inputs, targets) batches, or "
                     "override TrainerLoop.compute_loss")
-
-
-def grad_norm_of(engine, fallback: float | None = None) -> float | None:
-    """The engine's global gradient norm of the last step (``fallback`` when it has none);
-    None when unknown or not finite."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        norm = fallback
-    if norm is None:
-        return None
-    norm = float(norm)
-    return norm if math.isfinite(norm) else None
-
-
-def hidden_size_of(model: nn.Module) -> int | None:
-    """The model's hidden size when its config names one (Hugging Face or zeroloop GPT)."""
-    config = getattr(model, "config", None)
-    for name in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

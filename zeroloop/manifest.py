@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any
 
 from .errors import CheckpointError
@@ -23,11 +24,32 @@ MANIFEST = "zeroloop_manifest.json"
 LATEST = "latest"  # DeepSpeed's name: load_checkpoint(tag=None) reads it too
 TMP_SUFFIX = ".tmp"  # a tag folder still being written; never loaded
 DELETING_SUFFIX = ".deleting"  # an old checkpoint on its way out; never loaded
+RANK_FILE = re.compile(r"zeroloop_rank_\d{5}\.json")  # a rank's RNG states (JSON)
 REQUIRED_KEYS = ("files", "global_step", "train_state", "world_size", "zero_stage", "micro_batch_size",
                  "gradient_accumulation_steps", "total_steps", "sampler_seed")
 
 
 # --- finding and checking checkpoints (pure file-system functions, no DeepSpeed) ------------------
+
+
+def rank_file(rank: int) -> str:
+    """The name of ``rank``'s file in a tag folder (its RNG states, as JSON)."""
+    return f"zeroloop_rank_{rank:05d}.json"
+
+
+def read_checkpoint_json(path: str, problem: str) -> Any:
+    """A JSON file of a checkpoint (its manifest, a rank's file).
+
+    Raises:
+        CheckpointError: it cannot be read or parsed: ``"<path>: <problem> (<why>)"``, the
+            checkpoint called damaged.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {problem} ({e}); this checkpoint is damaged, resume from "
+                              "another one") from None
 
 
 def read_manifest(tag_dir: str) -> dict[str, Any]:
@@ -50,12 +72,7 @@ def read_manifest(tag_dir: str) -> dict[str, Any]:
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"{tag_dir} is not a complete zeroloop checkpoint: {MANIFEST} is missing "
                               "(its save was interrupted, or it was not written by zeroloop)")
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e}); this checkpoint is damaged, "
-                              "resume from another one") from None
+    manifest = read_checkpoint_json(manifest_path, "unreadable manifest")
     if isinstance(manifest, dict) and manifest.get("format") == FORMAT_1:
         manifest = upgrade_format_1(manifest)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import is_int
+from .config import is_positive_int
 from .errors import NumericalHealthError
 
 log = logging.getLogger("zeroloop")
@@ -53,12 +53,14 @@ class HealthPolicy:
     non_finite: str = "raise"
 
     def problems(self) -> list[str]:
+        """Every problem with this policy, one line each naming the field and the fix
+        (empty when it is good); the loop raises them in one ConfigError."""
         found = []
         if self.loss_scale not in LOSS_SCALE_POLICIES:
             found.append(f"health.loss_scale: must be one of {', '.join(LOSS_SCALE_POLICIES)}, got {self.loss_scale!r}")
         if self.non_finite not in NON_FINITE_POLICIES:
             found.append(f"health.non_finite: must be one of {', '.join(NON_FINITE_POLICIES)}, got {self.non_finite!r}")
-        if not is_int(self.max_consecutive_overflows) or self.max_consecutive_overflows < 1:
+        if not is_positive_int(self.max_consecutive_overflows):
             found.append(f"health.max_consecutive_overflows: must be a positive integer, "
                          f"got {self.max_consecutive_overflows!r}")
         return found

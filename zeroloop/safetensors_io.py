@@ -212,7 +212,7 @@ def publish(staging: str, output_dir: str | os.PathLike) -> list[str]:
     Returns:
         The safetensors file names, in order.
     """
-    from .checkpoint import fsync_path
+    from .saving import fsync_path
 
     output_dir = os.path.abspath(os.fspath(output_dir))
     names = sorted(os.listdir(staging))

@@ -406,7 +406,7 @@ def _flush(staging: str, paths: list[str]) -> None:
     import ctypes
     import sys
 
-    from .checkpoint import fsync_path
+    from .saving import fsync_path
 
     os.makedirs(staging, exist_ok=True)
     if sys.platform.startswith("linux"):
@@ -437,7 +437,7 @@ def publish(staging: str, final: str, plan: UniversalPlan) -> dict[str, Any]:
     """Write the manifest (listing every file and its size) last, then rename into place
     (every file is on disk already: :func:`write_params` and :func:`write_common` flushed)."""
     from . import __version__
-    from .checkpoint import folder_files, fsync_path, write_json_durably
+    from .saving import folder_files, fsync_path, write_json_durably
 
     manifest = {"format": UNIVERSAL_FORMAT, "source": os.path.basename(plan.tag_dir),
                 "source_zero_stage": plan.stage, "source_world_size": plan.world_size,
