@@ -51,6 +51,21 @@ def module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
+def every_import(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement, those run later (inside functions) included; not those under
+    ``if TYPE_CHECKING``, which never run."""
+    found, pending = [], list(tree.body)
+    while pending:
+        node = pending.pop(0)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, ast.If) and is_type_checking(node):
+            pending.extend(node.orelse)
+        else:
+            pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, modules: set[str],
                      packages: set[str] = frozenset({PACKAGE})) -> set[str]:
     """The package's modules an import statement of ``importer`` loads.
@@ -82,16 +97,20 @@ def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, modules: 
     return loaded
 
 
-def import_graph(sources: dict[str, str], packages: set[str] = frozenset({PACKAGE})) -> dict[str, set[str]]:
-    """Module name -> the package's modules it imports at module level.
+def import_graph(sources: dict[str, str], packages: set[str] = frozenset({PACKAGE}),
+                 deferred: bool = False) -> dict[str, set[str]]:
+    """Module name -> the package's modules it imports at module level (with ``deferred``,
+    also inside functions).
 
     Args:
         sources: each module's text, by dotted name.
         packages: the names that are packages (``__init__.py``), for relative imports.
+        deferred: count the imports inside functions too.
     """
     modules = set(sources)
+    statements = every_import if deferred else module_level_imports
     return {name: set().union(*(imported_modules(node, name, modules, packages)
-                                for node in module_level_imports(ast.parse(source))))
+                                for node in statements(ast.parse(source))))
             for name, source in sources.items()}
 
 
@@ -157,6 +176,14 @@ def test_no_import_circle_among_the_modules():
     assert not cycles, "import circles at module level:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+def test_no_import_circle_hidden_in_a_function_either():
+    """An import inside a function only postpones a circle: the two modules still cannot be
+    read, changed or tested apart."""
+    graph = import_graph(package_sources(), package_names(), deferred=True)
+    cycles = import_cycles(graph)
+    assert not cycles, "import circles through deferred imports:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
 def test_the_circle_check_finds_a_circle_and_ignores_deferred_imports():
     sources = {
         "zeroloop": "from .loop import TrainerLoop\n",
@@ -176,6 +203,8 @@ def test_the_circle_check_finds_a_circle_and_ignores_deferred_imports():
                                      "zeroloop.loop", "zeroloop.checkpoint"]]
     sources["zeroloop.memory"] = "import json\n"
     assert import_cycles(import_graph(sources)) == []
+    assert import_cycles(import_graph(sources, deferred=True)) == [["zeroloop.checkpoint", "zeroloop.consolidate",
+                                                                    "zeroloop.checkpoint"]]
 
 
 def test_relative_imports_inside_a_sub_package():

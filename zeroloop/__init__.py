@@ -4,8 +4,7 @@
 ``engine.backward`` / ``engine.step`` loop with what real runs need around it.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from . import quiet  # noqa: E402 - before anything imports deepspeed (its import logs)
 
 quiet.install()

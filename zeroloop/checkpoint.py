@@ -40,8 +40,9 @@ from . import runtime
 from .adam_replay import replay_cpu_adam_bias_corrections
 from .config import is_positive_int
 from .errors import CheckpointError, ConfigError
-from .manifest import (DELETING_SUFFIX, LATEST, MANIFEST, TMP_SUFFIX, find_checkpoint, list_checkpoints,
-                       read_checkpoint, read_checkpoint_json, read_manifest, rank_file)
+from .finding import find_checkpoint, read_checkpoint
+from .manifest import (DELETING_SUFFIX, LATEST, MANIFEST, TMP_SUFFIX, list_checkpoints, rank_file, read_checkpoint_json,
+                       read_manifest)
 from .rank_sync import on_any_rank, on_every_rank
 from .resume import ResumePlan, plan_resume, reapply, seed_rank
 from .rng import set_rng_state

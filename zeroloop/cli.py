@@ -17,8 +17,8 @@ import types
 import typing
 from typing import Any
 
-from . import __version__
 from .errors import CheckpointError, ConfigError
+from .version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

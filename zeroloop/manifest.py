@@ -1,4 +1,5 @@
-"""A checkpoint's manifest: reading and checking it, and finding the checkpoint to resume.
+"""A checkpoint's manifest and the names on disk: reading and checking a manifest, ``latest``,
+the complete checkpoints of a folder (finding the one to resume: :mod:`zeroloop.finding`).
 
 Pure file-system functions, no DeepSpeed: rank 0 runs them before anything is loaded.
 A tag folder is a complete checkpoint only when its ``zeroloop_manifest.json`` exists and
@@ -24,12 +25,18 @@ MANIFEST = "zeroloop_manifest.json"
 LATEST = "latest"  # DeepSpeed's name: load_checkpoint(tag=None) reads it too
 TMP_SUFFIX = ".tmp"  # a tag folder still being written; never loaded
 DELETING_SUFFIX = ".deleting"  # an old checkpoint on its way out; never loaded
+UNIVERSAL_SUFFIX = ".universal"  # the cached conversion of <tag> to DeepSpeed's universal layout
 RANK_FILE = re.compile(r"zeroloop_rank_\d{5}\.json")  # a rank's RNG states (JSON)
 REQUIRED_KEYS = ("files", "global_step", "train_state", "world_size", "zero_stage", "micro_batch_size",
                  "gradient_accumulation_steps", "total_steps", "sampler_seed")
 
 
 # --- finding and checking checkpoints (pure file-system functions, no DeepSpeed) ------------------
+
+
+def universal_sibling(tag_dir: str) -> str:
+    """Where the cached universal conversion of ``tag_dir`` lives: the sibling ``<tag>.universal``."""
+    return f"{os.path.normpath(os.path.abspath(tag_dir))}{UNIVERSAL_SUFFIX}"
 
 
 def rank_file(rank: int) -> str:
@@ -112,7 +119,6 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
 
     Folders that fail :func:`read_manifest` are left out (with a debug log line).
     """
-    from .universal import UNIVERSAL_SUFFIX
 
     if not os.path.isdir(folder):
         return []
@@ -128,52 +134,6 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def find_checkpoint(resume: str | os.PathLike | None, folder: str) -> str | None:
-    """The tag folder to resume from, or None to start fresh.
-
-    Args:
-        resume: ``"latest"``, a path (a tag folder, a folder holding ``latest``, or a
-            universal checkpoint written by DeepSpeed's ``ds_to_universal``), or None.
-        folder: the run's checkpoint folder (used by ``"latest"``).
-
-    Returns:
-        A tag folder whose manifest and files check out, or None (``resume`` is None, or
-        ``"latest"`` and ``folder`` holds no checkpoint at all).
-
-    Raises:
-        CheckpointError: a ``resume`` path that does not exist or is incomplete; a
-            ``latest`` whose checkpoint is damaged when no other complete one exists.
-    """
-    if resume is None:
-        return None
-    if os.fspath(resume) == "latest":
-        return _newest_complete(folder, explicit=False)
-    path = os.path.abspath(os.fspath(resume))
-    if not os.path.exists(path):
-        raise CheckpointError(f"resume={os.fspath(resume)!r}: no such file or folder; pass the tag folder of a "
-                              f"checkpoint (e.g. {os.path.join(folder, 'global_step100')}), resume=\"latest\" for "
-                              "the newest one in the run's checkpoint folder, or resume=None to start fresh")
-    if os.path.isfile(os.path.join(path, LATEST)) and not os.path.isfile(os.path.join(path, MANIFEST)):
-        return _newest_complete(path, explicit=True)
-    read_checkpoint(path)
-    return path
-
-
-def read_checkpoint(tag_dir: str) -> dict[str, Any]:
-    """The manifest of a checkpoint to resume from: zeroloop's (:func:`read_manifest`), or,
-    for a universal checkpoint written by DeepSpeed's ``ds_to_universal``, one made from
-    its model-states file (:func:`zeroloop.universal.deepspeed_universal_manifest`).
-
-    Raises:
-        CheckpointError: as :func:`read_manifest`.
-    """
-    from .universal import deepspeed_universal_manifest, is_deepspeed_universal
-
-    if not os.path.isfile(os.path.join(tag_dir, MANIFEST)) and is_deepspeed_universal(tag_dir):
-        return deepspeed_universal_manifest(tag_dir)
-    return read_manifest(tag_dir)
-
-
 def read_latest(folder: str) -> str | None:
     """The tag ``folder/latest`` names, or None when there is none or it cannot be read."""
     try:
@@ -183,38 +143,4 @@ def read_latest(folder: str) -> str | None:
         return None
 
 
-def _newest_complete(folder: str, explicit: bool) -> str | None:
-    """What ``latest`` names when complete; otherwise the newest complete checkpoint, with a warning."""
-    latest_path = os.path.join(folder, LATEST)
-    complete = list_checkpoints(folder)
-    if not os.path.isfile(latest_path):
-        if complete:
-            log.warning("%s is missing; resuming from the newest complete checkpoint, %s", latest_path,
-                        complete[-1][1])
-            return complete[-1][1]
-        if explicit:
-            raise CheckpointError(f"{folder} holds no complete checkpoint")
-        return None
-    with open(latest_path, encoding="utf-8") as f:
-        tag = f.read().strip()
-    try:
-        return _checked(os.path.join(folder, tag), latest_path)
-    except CheckpointError as problem:
-        if not complete:
-            raise CheckpointError(f"{latest_path} names {tag!r}, which cannot be resumed from: {problem}. "
-                                  f"No other complete checkpoint is in {folder}; pass resume=None to start "
-                                  "fresh") from None
-        log.warning("%s names %r, which cannot be resumed from (%s); resuming from the newest complete "
-                    "checkpoint, %s", latest_path, tag, problem, complete[-1][1])
-        return complete[-1][1]
-
-
-def _checked(tag_dir: str, named_by: str) -> str:
-    if not tag_dir or not os.path.isdir(tag_dir):
-        raise CheckpointError(f"the tag folder {tag_dir} named by {named_by} does not exist")
-    read_manifest(tag_dir)
-    return tag_dir
-
-
-__all__ = ["CheckpointError", "find_checkpoint", "list_checkpoints", "read_checkpoint", "read_latest",
-           "read_manifest"]
+__all__ = ["CheckpointError", "list_checkpoints", "read_latest", "read_manifest", "universal_sibling"]

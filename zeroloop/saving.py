@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import CheckpointError
-from .manifest import (DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, RANK_FILE, TMP_SUFFIX, list_checkpoints,
-                       rank_file, read_latest)
+from .manifest import (DELETING_SUFFIX, FORMAT, LATEST, MANIFEST, RANK_FILE, TMP_SUFFIX, list_checkpoints, rank_file,
+                       read_latest, universal_sibling)
 from .pretrained import save_pretrained_configs
 from .rng import rng_state
-from .universal import universal_sibling
+from .version import __version__
 
 log = logging.getLogger("zeroloop")
 
@@ -329,7 +329,6 @@ class SaveProtocol:
         """zeroloop's JSON state of this checkpoint (``files`` is added when publishing)."""
         import deepspeed
 
-        from . import __version__
 
         engine = self.engine
         return {

@@ -42,13 +42,15 @@ from typing import Any, Callable
 import torch
 
 from .errors import CheckpointError
+from .manifest import FORMAT, UNIVERSAL_SUFFIX, universal_sibling
+from .saving import folder_files, fsync_path, write_json_durably
+from .version import __version__
 from .zero_layout import (MODEL_FILE, OPTIM_FILE_RE, OPTIMIZER_STATE, ZERO3_FP32_GROUPS, ZERO3_MODEL_FILE,
                           ZERO12_FP32_GROUPS, Piece, chunks, drop_pages, find_model_file, load_mapped, lookup,
                           read_layout)
 
 log = logging.getLogger("zeroloop")
 
-UNIVERSAL_SUFFIX = ".universal"  # the cached conversion of <tag> is the sibling <tag>.universal
 UNIVERSAL_MANIFEST = "zeroloop_universal.json"
 UNIVERSAL_FORMAT = "zeroloop-universal/1"
 PARTIAL_SUFFIX = ".tmp"  # a conversion still being written (or killed); never loaded
@@ -134,11 +136,6 @@ def convert_to_universal(tag_dir: str | os.PathLike, output_dir: str | os.PathLi
         shutil.rmtree(final)
     publish(staging, final, plan)
     return final
-
-
-def universal_sibling(tag_dir: str) -> str:
-    """Where the cached universal conversion of ``tag_dir`` lives."""
-    return f"{os.path.normpath(os.path.abspath(tag_dir))}{UNIVERSAL_SUFFIX}"
 
 
 def convert_collectively(tag_dir: str, *, rank: int, world_size: int, barrier: Callable[[], None],
@@ -406,7 +403,6 @@ def _flush(staging: str, paths: list[str]) -> None:
     import ctypes
     import sys
 
-    from .saving import fsync_path
 
     os.makedirs(staging, exist_ok=True)
     if sys.platform.startswith("linux"):
@@ -436,8 +432,6 @@ def write_common(plan: UniversalPlan, staging: str) -> None:
 def publish(staging: str, final: str, plan: UniversalPlan) -> dict[str, Any]:
     """Write the manifest (listing every file and its size) last, then rename into place
     (every file is on disk already: :func:`write_params` and :func:`write_common` flushed)."""
-    from . import __version__
-    from .saving import folder_files, fsync_path, write_json_durably
 
     manifest = {"format": UNIVERSAL_FORMAT, "source": os.path.basename(plan.tag_dir),
                 "source_zero_stage": plan.stage, "source_world_size": plan.world_size,
@@ -496,7 +490,6 @@ def deepspeed_universal_manifest(folder: str) -> dict[str, Any]:
     Raises:
         CheckpointError: the model-states file is missing or lacks DeepSpeed's counters.
     """
-    from .manifest import FORMAT
 
     path = model_states_file(folder)
     try:
