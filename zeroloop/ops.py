@@ -154,7 +154,8 @@ def _extensions_root() -> str:
     """The folder torch JIT-builds C++ ops under, as ``torch.utils.cpp_extension`` names it."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    return os.path.dirname(_get_build_directory(SHM_COMM_OP, verbose=False))
+    # An empty op name gives the root itself, so no op's build folder is created on the way.
+    return os.path.normpath(_get_build_directory("", verbose=False))
 
 
 def _build_locks(extensions_dir: str | None) -> list[str]:
