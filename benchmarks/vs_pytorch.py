@@ -431,6 +431,9 @@ def main(argv=None):
                 shown = result.get("error") or f"{result['tokens_per_sec']:,.0f} tokens/s ({result.get('mode')})"
                 print(f"round {round_} {name}: {shown}", flush=True)
     rows = summarize(per_round, setup, peak)
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    from compare import versions  # the same package list as the alternatives' comparison
     results = {"machine": machine(), "setup": {**dataclasses.asdict(setup), "out_dir": None},
                "parameters": sum(p.numel() for p in make_model(setup).parameters()),
                "flops_per_token": flops_per_token(setup), "peak_tflops": peak, "rounds": args.rounds,
@@ -441,16 +444,6 @@ def main(argv=None):
         json.dump(results, f, indent=2)
     print_table(rows)
     print(f"wrote {out}")
-
-
-def versions() -> dict:
-    found = {}
-    for package in ("torch", "deepspeed", "transformers", "accelerate", "lightning"):
-        try:
-            found[package] = __import__(package).__version__
-        except Exception as error:  # noqa: BLE001 - a missing optional contender
-            found[package] = f"not importable: {type(error).__name__}"
-    return found
 
 
 if __name__ == "__main__":
